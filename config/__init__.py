@@ -1,0 +1,289 @@
+"""The one typed configuration loader.
+
+`load()` reads ``config/default.yaml``, merges an optional user file over it,
+applies the environment overrides and returns a frozen :class:`Settings`.
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`
+naming the key and the file. This module is also the one place that learns where
+the services listen (``auto`` addresses resolve to what ``ulens services up``
+recorded).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+DEFAULT_FILE = "default.yaml"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+def _rng(lo=None, hi=None, choices=None):
+    return {"lo": lo, "hi": hi, "choices": choices}
+
+
+@dataclass(frozen=True)
+class Topics:
+    alerts: str = "alerts"
+    triggers: str = "triggers"
+    dead_letter: str = "alerts.dlq"
+    truth: str = "truth"
+
+
+@dataclass(frozen=True)
+class Partitions:
+    alerts: int = field(default=4, metadata=_rng(1, 1024))
+    triggers: int = field(default=1, metadata=_rng(1, 1024))
+    dead_letter: int = field(default=1, metadata=_rng(1, 1024))
+    truth: int = field(default=1, metadata=_rng(1, 1024))
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap_servers: str = "auto"
+    security_protocol: str = field(
+        default="PLAINTEXT",
+        metadata=_rng(choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")))
+    sasl_mechanism: Optional[str] = field(
+        default=None, metadata=_rng(choices=(None, "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")))
+    sasl_username: Optional[str] = None
+    ssl_ca_location: Optional[str] = None
+    topics: Topics = Topics()
+    partitions: Partitions = Partitions()
+
+    def client_config(self) -> dict:
+        """librdkafka settings shared by producers, consumers and admin clients.
+
+        The SASL password is read from the environment here, never from a file.
+        """
+        conf = {"bootstrap.servers": self.bootstrap_servers,
+                "security.protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL"):
+            if not self.sasl_mechanism or not self.sasl_username:
+                raise ConfigError("kafka.sasl_mechanism and kafka.sasl_username are required "
+                                  f"with security_protocol {self.security_protocol}")
+            password = os.environ.get("ULENS_KAFKA_SASL_PASSWORD")
+            if not password:
+                raise ConfigError("env ULENS_KAFKA_SASL_PASSWORD is not set but "
+                                  f"kafka.security_protocol is {self.security_protocol}")
+            conf.update({"sasl.mechanism": self.sasl_mechanism,
+                         "sasl.username": self.sasl_username,
+                         "sasl.password": password})
+        if self.ssl_ca_location:
+            conf["ssl.ca.location"] = self.ssl_ca_location
+        return conf
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str = "auto"
+    key_prefix: str = "ulens"
+    event_ttl_s: int = field(default=2592000, metadata=_rng(1, None))
+    max_points: int = field(default=2000, metadata=_rng(16, 1_000_000))
+    ssl_ca_certs: Optional[str] = None
+
+    def client_kwargs(self) -> dict:
+        """Arguments for ``redis.Redis.from_url``; the password from the environment only."""
+        kw: dict[str, Any] = {}
+        password = os.environ.get("ULENS_REDIS_PASSWORD")
+        if password:
+            kw["password"] = password
+        if self.url.startswith("rediss://") and self.ssl_ca_certs:
+            kw["ssl_ca_certs"] = self.ssl_ca_certs
+        return kw
+
+
+@dataclass(frozen=True)
+class ServicesSettings:
+    state_dir: str = "~/.local/state/ulens"
+    cache_dir: str = "~/.cache/ulens"
+    kafka_version: str = "4.1.1"
+    kafka_port: int = field(default=9092, metadata=_rng(1, 65535))
+    kafka_controller_port: int = field(default=9093, metadata=_rng(1, 65535))
+    kafka_heap_mb: int = field(default=768, metadata=_rng(128, 65536))
+    redis_port: int = field(default=6379, metadata=_rng(1, 65535))
+    start_timeout_s: float = field(default=90.0, metadata=_rng(1, 3600))
+
+    @property
+    def state_path(self) -> Path:
+        return Path(os.path.expanduser(self.state_dir))
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(os.path.expanduser(self.cache_dir))
+
+    @property
+    def endpoints_file(self) -> Path:
+        """Where `ulens services up` records the addresses it listens on."""
+        return self.state_path / "endpoints.json"
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    path: str = "models/tdcnn-baseline"
+
+    @property
+    def resolved(self) -> Path:
+        p = Path(os.path.expanduser(self.path))
+        return p if p.is_absolute() else REPO_ROOT / p
+
+
+@dataclass(frozen=True)
+class ConsumerSettings:
+    group: str = "ulens-broker"
+    batch_size: int = field(default=2000, metadata=_rng(1, 1_000_000))
+    poll_timeout_s: float = field(default=0.5, metadata=_rng(0.0, 60.0))
+    rule: str = field(default="tdcnn", metadata=_rng(choices=("tdcnn",)))
+    threshold: Optional[float] = field(default=None, metadata=_rng(0.0, 1.0))
+    min_points: int = field(default=10, metadata=_rng(1, 100_000))
+    device: str = field(default="auto", metadata=_rng(choices=("auto", "cpu", "cuda")))
+    log_interval_s: float = field(default=5.0, metadata=_rng(0.1, 3600))
+    metrics_port: Optional[int] = field(default=None, metadata=_rng(1, 65535))
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    speed: Union[float, str] = "max"
+    rate: Optional[float] = field(default=None, metadata=_rng(0.001, None))
+    start_mjd: float = field(default=61000.0, metadata=_rng(0.0, 100_000.0))
+    history_points: int = field(default=0, metadata=_rng(0, 10_000))
+    detections_only: bool = False
+    snr_threshold: float = field(default=5.0, metadata=_rng(0.0, None))
+    publish_truth: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    services: ServicesSettings = ServicesSettings()
+    model: ModelSettings = ModelSettings()
+    consumer: ConsumerSettings = ConsumerSettings()
+    replay: ReplaySettings = ReplaySettings()
+    sources: tuple = ()
+
+    def replace(self, **sections) -> "Settings":
+        """A copy with some sections' fields changed: ``s.replace(consumer={"group": "g"})``."""
+        changed = {name: dataclasses.replace(getattr(self, name), **vals)
+                   for name, vals in sections.items()}
+        return dataclasses.replace(self, **changed)
+
+
+def _check_value(key: str, tp: Any, value: Any, meta: dict, src: str) -> Any:
+    """Validate one leaf value against its annotation and range; return it (coerced)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        if key.endswith(".speed") and isinstance(value, str):
+            if value != "max":
+                raise ConfigError(f"{src}: {key} must be a positive number or 'max', got {value!r}")
+            return value
+        tp = next(a for a in args if a is not type(None) and a is not str) \
+            if any(a not in (type(None), str) for a in args) else str
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{src}: {key} must be true or false, got {value!r}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{src}: {key} must be an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{src}: {key} must be a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{src}: {key} must be a string, got {value!r}")
+    lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{src}: {key} must be one of {list(choices)}, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ConfigError(f"{src}: {key} = {value!r} is out of range "
+                              f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]")
+    if key.endswith(".speed") and isinstance(value, float) and value <= 0:
+        raise ConfigError(f"{src}: {key} must be positive, got {value!r}")
+    return value
+
+
+def _build(cls, data: Any, prefix: str, src: str, base):
+    """Build dataclass ``cls`` from mapping ``data`` over instance ``base``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: {prefix or 'the file'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "sources"}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{src}: unknown key {where}{unknown[0]} "
+                          f"(known: {', '.join(sorted(fields))})")
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        current = getattr(base, name)
+        if name not in data:
+            values[name] = current
+        elif dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], data[name], key, src, current)
+        else:
+            values[name] = _check_value(key, hints[name], data[name], dict(f.metadata), src)
+    return dataclasses.replace(base, **values)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return data if data is not None else {}
+
+
+def _recorded_endpoints(services: ServicesSettings) -> dict:
+    try:
+        return json.loads(services.endpoints_file.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def load(path: Optional[os.PathLike | str] = None, *, env: Optional[dict] = None) -> Settings:
+    """Load the defaults, merge ``path`` (or env ULENS_CONFIG) over them, apply env overrides."""
+    env = os.environ if env is None else env
+    default_path = Path(str(resources.files("config").joinpath(DEFAULT_FILE)))
+    settings = _build(Settings, _read_yaml(default_path), "", str(default_path), Settings())
+    sources = [str(default_path)]
+    user = path or env.get("ULENS_CONFIG")
+    if user:
+        user_path = Path(user)
+        settings = _build(Settings, _read_yaml(user_path), "", str(user_path), settings)
+        sources.append(str(user_path))
+
+    kafka_bs = env.get("ULENS_KAFKA_BOOTSTRAP") or settings.kafka.bootstrap_servers
+    redis_url = env.get("ULENS_REDIS_URL") or settings.redis.url
+    if "auto" in (kafka_bs, redis_url):
+        recorded = _recorded_endpoints(settings.services)
+        if kafka_bs == "auto":
+            kafka_bs = recorded.get("kafka_bootstrap") or f"127.0.0.1:{settings.services.kafka_port}"
+        if redis_url == "auto":
+            redis_url = recorded.get("redis_url") or f"redis://127.0.0.1:{settings.services.redis_port}/0"
+    if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"redis.url must start with redis://, rediss:// or unix://, got {redis_url!r}")
+    return dataclasses.replace(
+        settings,
+        kafka=dataclasses.replace(settings.kafka, bootstrap_servers=kafka_bs),
+        redis=dataclasses.replace(settings.redis, url=redis_url),
+        sources=tuple(sources))

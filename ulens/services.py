@@ -1,0 +1,410 @@
+"""Local Apache Kafka (KRaft, one node) and Redis on loopback, without Docker.
+
+Kafka's jars are resolved from Maven Central with the installed Maven into
+``services.cache_dir``; the broker runs on the installed JDK. ``redis-server``
+comes from Debian's package. Everything a run writes (data, logs, pid files and
+the recorded addresses) lives under ``services.state_dir``, outside the repository.
+`down` stops exactly the processes `up` started, by pid.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import config as cfg
+
+HELP = "start, stop and inspect the local Apache Kafka (KRaft) and Redis on 127.0.0.1"
+HOST = "127.0.0.1"
+
+
+class ServiceError(OSError):
+    """A local service cannot be fetched, started or stopped; the message says why."""
+
+
+class PortInUse(ServiceError):
+    pass
+
+
+POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>local.ulens</groupId><artifactId>kafka-runtime</artifactId><version>1</version>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>{version}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId><version>2.24.3</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>2.24.3</version></dependency>
+  </dependencies>
+</project>
+"""
+
+LOG4J2 = """Configuration:
+  Appenders:
+    Console:
+      name: STDOUT
+      PatternLayout:
+        Pattern: "[%d] %p %m (%c)%n"
+  Loggers:
+    Logger:
+      - name: kafka
+        level: INFO
+      - name: org.apache.kafka
+        level: WARN
+    Root:
+      level: WARN
+      AppenderRef:
+        - ref: STDOUT
+"""
+
+
+@dataclass
+class Paths:
+    state: Path
+
+    def kafka_dir(self) -> Path:
+        return self.state / "kafka"
+
+    def redis_dir(self) -> Path:
+        return self.state / "redis"
+
+    def logs(self) -> Path:
+        return self.state / "logs"
+
+    def pid(self, name: str) -> Path:
+        return self.state / f"{name}.pid"
+
+
+def _paths(s: cfg.ServicesSettings) -> Paths:
+    return Paths(s.state_path)
+
+
+# --- fetching Kafka ----------------------------------------------------------------
+
+def fetch_kafka(s: cfg.ServicesSettings, quiet: bool = False) -> Path:
+    """Resolve the Kafka jars from Maven Central into the cache (once); return the libs dir."""
+    libs = s.cache_path / f"kafka-{s.kafka_version}" / "libs"
+    if libs.is_dir() and any(libs.glob("kafka_2.13-*.jar")):
+        return libs
+    mvn = shutil.which("mvn")
+    if not mvn:
+        raise ServiceError("Maven (mvn) is not installed: it is needed once to fetch Apache Kafka "
+                           "from Maven Central (apt-get install maven)")
+    work = libs.parent
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "pom.xml").write_text(POM.format(version=s.kafka_version))
+    tmp = work / "libs.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not quiet:
+        print(f"fetching Apache Kafka {s.kafka_version} from Maven Central into {work} ...", flush=True)
+    proc = subprocess.run([mvn, "-q", "-B", "dependency:copy-dependencies",
+                           f"-DoutputDirectory={tmp}", "-DincludeScope=runtime"],
+                          cwd=work, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ServiceError(f"mvn could not resolve org.apache.kafka:kafka_2.13:{s.kafka_version}:\n"
+                           + (proc.stdout + proc.stderr)[-2000:])
+    tmp.replace(libs)
+    return libs
+
+
+# --- process helpers -----------------------------------------------------------------
+
+def _port_open(port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int | None, marker: str) -> bool:
+    """True when ``pid`` runs and its command line contains ``marker`` (guards pid reuse)."""
+    if not pid:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":  # a zombie has exited
+            return False
+    except (OSError, IndexError):
+        pass
+    return marker in cmdline
+
+
+def _check_port_free(port: int, what: str) -> None:
+    if _port_open(port):
+        raise PortInUse(f"port {port} on {HOST} (for {what}) is already in use by a process "
+                        "that ulens did not start; stop it or choose another port in the config "
+                        f"(services.*_port)")
+
+
+def _spawn(cmd: list[str], log: Path, pid_file: Path, cwd: Path) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=cwd, start_new_session=True)
+    pid_file.write_text(str(proc.pid))
+    return proc.pid
+
+
+def _wait(pred, timeout: float, what: str, pid: int, marker: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        if not _alive(pid, marker):
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            raise ServiceError(f"{what} exited during start-up; last lines of {log}:\n{tail}")
+        time.sleep(0.25)
+    raise ServiceError(f"{what} did not answer within {timeout:.0f} s; see {log}")
+
+
+# --- Kafka ---------------------------------------------------------------------------
+
+def _kafka_answers(bootstrap: str, timeout: float = 3.0) -> bool:
+    from confluent_kafka.admin import AdminClient
+    try:
+        AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout)
+        return True
+    except Exception:
+        return False
+
+
+def _start_kafka(s: cfg.ServicesSettings, p: Paths) -> tuple[int, bool]:
+    pid = _read_pid(p.pid("kafka"))
+    if _alive(pid, "kafka.Kafka"):
+        return pid, False
+    _check_port_free(s.kafka_port, "Kafka")
+    _check_port_free(s.kafka_controller_port, "the Kafka controller")
+    java = shutil.which("java")
+    if not java:
+        raise ServiceError("java is not installed: Apache Kafka needs a JDK (17 or newer)")
+    libs = fetch_kafka(s)
+    kdir = p.kafka_dir()
+    data = kdir / "data"
+    kdir.mkdir(parents=True, exist_ok=True)
+    props = kdir / "server.properties"
+    props.write_text("\n".join([
+        "process.roles=broker,controller",
+        "node.id=1",
+        f"controller.quorum.voters=1@{HOST}:{s.kafka_controller_port}",
+        f"listeners=PLAINTEXT://{HOST}:{s.kafka_port},CONTROLLER://{HOST}:{s.kafka_controller_port}",
+        f"advertised.listeners=PLAINTEXT://{HOST}:{s.kafka_port}",
+        "controller.listener.names=CONTROLLER",
+        "inter.broker.listener.name=PLAINTEXT",
+        "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        f"log.dirs={data}",
+        "num.partitions=1",
+        "offsets.topic.replication.factor=1",
+        "offsets.topic.num.partitions=4",
+        "transaction.state.log.replication.factor=1",
+        "transaction.state.log.min.isr=1",
+        "share.coordinator.state.topic.replication.factor=1",
+        "share.coordinator.state.topic.min.isr=1",
+        "group.initial.rebalance.delay.ms=0",
+        "auto.create.topics.enable=true",
+        "log.retention.hours=168",
+        "message.max.bytes=2097152",
+        "",
+    ]))
+    (kdir / "log4j2.yaml").write_text(LOG4J2)
+    cp = f"{libs}/*"
+    if not (data / "meta.properties").exists():
+        cluster_id = uuid.uuid4().hex[:22]
+        proc = subprocess.run([java, "-cp", cp, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+                               "-c", str(props), "--ignore-formatted"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ServiceError("formatting the Kafka storage failed:\n" + (proc.stdout + proc.stderr)[-2000:])
+    log = p.logs() / "kafka.log"
+    cmd = [java, f"-Xmx{s.kafka_heap_mb}m", f"-Xms{min(s.kafka_heap_mb, 256)}m", "-XX:+UseG1GC",
+           "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={kdir / 'log4j2.yaml'}",
+           "-cp", cp, "kafka.Kafka", str(props)]
+    return _spawn(cmd, log, p.pid("kafka"), kdir), True
+
+
+# --- Redis ---------------------------------------------------------------------------
+
+def _redis_answers(port: int) -> bool:
+    import redis
+    try:
+        return bool(redis.Redis(host=HOST, port=port, socket_timeout=1).ping())
+    except Exception:
+        return False
+
+
+def _start_redis(s: cfg.ServicesSettings, p: Paths) -> tuple[int, bool]:
+    pid = _read_pid(p.pid("redis"))
+    if _alive(pid, "redis-server"):
+        return pid, False
+    _check_port_free(s.redis_port, "Redis")
+    exe = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+    if not exe:
+        raise ServiceError("redis-server is not installed (apt-get install redis-server)")
+    rdir = p.redis_dir()
+    rdir.mkdir(parents=True, exist_ok=True)
+    conf = rdir / "redis.conf"
+    conf.write_text("\n".join([
+        f"bind {HOST}", f"port {s.redis_port}", "protected-mode yes", f"dir {rdir}",
+        "daemonize no", "save 60 1000", "appendonly no", "dbfilename dump.rdb",
+        "maxmemory-policy noeviction", "",
+    ]))
+    log = p.logs() / "redis.log"
+    return _spawn([exe, str(conf)], log, p.pid("redis"), rdir), True
+
+
+# --- public API ----------------------------------------------------------------------
+
+def ensure_topics(settings: cfg.Settings, timeout: float = 30.0) -> list[str]:
+    """Create the configured topics that do not exist yet; return the names created."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+    admin = AdminClient(settings.kafka.client_config())
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    t, n = settings.kafka.topics, settings.kafka.partitions
+    wanted = [(t.alerts, n.alerts, {}), (t.triggers, n.triggers, {}),
+              (t.dead_letter, n.dead_letter, {}), (t.truth, n.truth, {"cleanup.policy": "compact"})]
+    new = [NewTopic(name, num_partitions=parts, replication_factor=1, config=conf)
+           for name, parts, conf in wanted if name not in existing]
+    if new:
+        for name, fut in admin.create_topics(new, operation_timeout=timeout).items():
+            try:
+                fut.result()
+            except Exception as exc:  # a concurrent creator is fine
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise ServiceError(f"cannot create topic {name}: {exc}") from None
+    return [x.topic for x in new]
+
+
+def up(settings: cfg.Settings, quiet: bool = False) -> dict:
+    """Start whatever is not running, wait until both answer, record the endpoints."""
+    s = settings.services
+    p = _paths(s)
+    p.state.mkdir(parents=True, exist_ok=True)
+    kpid, kstarted = _start_kafka(s, p)
+    rpid, rstarted = _start_redis(s, p)
+    bootstrap = f"{HOST}:{s.kafka_port}"
+    redis_url = f"redis://{HOST}:{s.redis_port}/0"
+    _wait(lambda: _redis_answers(s.redis_port), s.start_timeout_s, "redis-server", rpid,
+          "redis-server", p.logs() / "redis.log")
+    _wait(lambda: _port_open(s.kafka_port) and _kafka_answers(bootstrap), s.start_timeout_s, "Kafka", kpid, "kafka.Kafka",
+          p.logs() / "kafka.log")
+    endpoints = {"kafka_bootstrap": bootstrap, "redis_url": redis_url,
+                 "kafka_pid": kpid, "redis_pid": rpid,
+                 "kafka_log": str(p.logs() / "kafka.log"), "redis_log": str(p.logs() / "redis.log")}
+    s.endpoints_file.write_text(json.dumps(endpoints, indent=2))
+    created = ensure_topics(settings.replace(kafka={"bootstrap_servers": bootstrap,
+                                                    "security_protocol": "PLAINTEXT"}))
+    if not quiet:
+        for name, pid, started, where in (("kafka", kpid, kstarted, bootstrap),
+                                          ("redis", rpid, rstarted, redis_url)):
+            print(f"{name:<6} {'started' if started else 'already running'}  pid {pid}  {where}")
+        if created:
+            print(f"topics created: {', '.join(created)}")
+    return {"kafka_started": kstarted, "redis_started": rstarted, **endpoints}
+
+
+def _stop(pid: int | None, marker: str, timeout: float = 30.0) -> bool:
+    if not _alive(pid, marker):
+        return False
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _alive(pid, marker):
+        time.sleep(0.2)
+    if _alive(pid, marker):
+        os.killpg(pid, signal.SIGKILL)
+    return True
+
+
+def down(settings: cfg.Settings, wipe: bool = False, only: tuple[str, ...] = ("kafka", "redis"),
+         quiet: bool = False) -> list[str]:
+    """Stop the processes `up` started (by pid); with ``wipe`` also delete their data."""
+    s = settings.services
+    p = _paths(s)
+    stopped = []
+    for name, marker in (("kafka", "kafka.Kafka"), ("redis", "redis-server")):
+        if name not in only:
+            continue
+        if _stop(_read_pid(p.pid(name)), marker):
+            stopped.append(name)
+        p.pid(name).unlink(missing_ok=True)
+        if not quiet:
+            print(f"{name:<6} {'stopped' if name in stopped else 'was not running'}")
+    if set(only) == {"kafka", "redis"}:
+        s.endpoints_file.unlink(missing_ok=True)
+    if wipe:
+        for d in (p.kafka_dir(), p.redis_dir()):
+            if any(n in only for n in ("kafka", "redis") if d.name == n):
+                shutil.rmtree(d, ignore_errors=True)
+        if not quiet:
+            print(f"wiped data under {p.state}")
+    return stopped
+
+
+def status(settings: cfg.Settings) -> dict:
+    s = settings.services
+    p = _paths(s)
+    kpid, rpid = _read_pid(p.pid("kafka")), _read_pid(p.pid("redis"))
+    bootstrap = f"{HOST}:{s.kafka_port}"
+    return {
+        "kafka": {"running": _alive(kpid, "kafka.Kafka"), "pid": kpid, "address": bootstrap,
+                  "answering": _port_open(s.kafka_port) and _kafka_answers(bootstrap),
+                  "log": str(p.logs() / "kafka.log"), "data": str(p.kafka_dir() / "data")},
+        "redis": {"running": _alive(rpid, "redis-server"), "pid": rpid,
+                  "address": f"redis://{HOST}:{s.redis_port}/0",
+                  "answering": _redis_answers(s.redis_port),
+                  "log": str(p.logs() / "redis.log"), "data": str(p.redis_dir())},
+        "config_uses": {"kafka": settings.kafka.bootstrap_servers, "redis": settings.redis.url},
+    }
+
+
+# --- command -------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub.add_parser("up", help="fetch Kafka if needed, start Kafka and Redis, wait until both answer")
+    d = sub.add_parser("down", help="stop the Kafka and Redis processes that `up` started")
+    d.add_argument("--wipe", action="store_true", help="also delete their data (topics, Redis state)")
+    st = sub.add_parser("status", help="say what runs where, whether it answers, and the log paths")
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
+    sub.add_parser("fetch", help="only resolve the Kafka jars from Maven Central into the cache")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = cfg.load(args.config)
+    if args.action == "up":
+        up(settings)
+    elif args.action == "down":
+        down(settings, wipe=args.wipe)
+    elif args.action == "fetch":
+        print(fetch_kafka(settings.services))
+    else:
+        st = status(settings)
+        if args.json:
+            print(json.dumps(st, indent=2))
+        else:
+            for name in ("kafka", "redis"):
+                x = st[name]
+                state = "running" if x["running"] else "stopped"
+                ans = "answering" if x["answering"] else "not answering"
+                print(f"{name:<6} {state:<8} pid {x['pid'] or '-':<8} {x['address']:<26} {ans}\n"
+                      f"       log  {x['log']}\n       data {x['data']}")
+            print(f"config uses kafka {st['config_uses']['kafka']}, redis {st['config_uses']['redis']}")
+        return 0 if st["kafka"]["answering"] and st["redis"]["answering"] else 1
+    return 0
+
