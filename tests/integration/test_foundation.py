@@ -71,6 +71,8 @@ def test_status_reports_both_answering(services):
 def test_second_up_reuses_what_runs(services):
     if os.environ.get("ULENS_KAFKA_BOOTSTRAP"):
         pytest.skip("bring-your-own cluster: local services not in use")
+    if not svc.status(services)["kafka"]["running"]:
+        pytest.skip("the services answering were not started by ulens under this state dir")
     info = svc.up(services, quiet=True)
     assert not info["kafka_started"] and not info["redis_started"]
 
