@@ -54,7 +54,7 @@ def test_namespace_and_path_carry_the_version():
         ns = schemas.load_schema_json(int(sid))["namespace"]
         assert ns == f"ulens.{kind}.v{major}_{minor}"
         assert fname.startswith(ns)
-    assert set(reg["latest"]) == {"alert", "trigger"}
+    assert set(reg["latest"]) == {"alert", "trigger", "truth"}
 
 
 def test_latest_pointer_is_used_for_encoding(codec):
