@@ -1,0 +1,525 @@
+"""`ulens simulate`: PSPL and binary-lens light curves into a dataset (.npz).
+
+What one event is (the same code path for both classes; only the lens differs):
+
+* cadence: 1,500 epochs evenly spaced over days 0..1000 (``np.linspace(0, 1000, 1500)``),
+  each dropped independently with probability ``cadence_mask_prob``; a mask that would
+  leave fewer than ``MIN_POINTS`` points is drawn again (matters only for p near 1);
+* t0 uniform in 0..1000 d; tE and u0 from the chosen binary parameter set (for both
+  classes, unless the ``thesis_priors`` shortcut is asked for); baseline magnitude of
+  source + blend uniform in 18..22; source flux fraction fs uniform in 0.5..1;
+* binary only: s, q, rho from the set, alpha uniform in [0, 2 pi); magnification by
+  VBMicrolensing ``BinaryLightCurve`` (finite uniform source, see ``training.physics``);
+  PSPL: the analytic A(u);
+* flux relative to baseline F = fs A + (1 - fs); noise-free ``mag_model`` =
+  baseline_mag - 2.5 log10 F; ``mag`` = mag_model + N(0, mag_error_std); the stored
+  ``mag_err`` is ``mag_error_std``;
+* binary only: ``dchi2`` and ``mag_pspl`` from the best PSPL fit to the noise-free curve
+  on the event's epochs under its errors (``training.detectability``); PSPL events get
+  ``mag_pspl = mag_model`` and ``dchi2 = NaN`` (and s, q, alpha, rho = NaN).
+
+Parameter sets (U = uniform, logU = uniform in the logarithm), see ``PARAMETER_SETS``:
+
+=========  ===============  =================  ================  ==================  ================
+set        s                q                  u0                rho                 tE (days)
+=========  ===============  =================  ================  ==================  ================
+baseline   U 0.1-2.5        U 0.1-1            U 0.01-0.5        U 0.01-0.1          U 10-100
+distinct   U 0.8-1.5        U 0.1-0.5          U 0.01-0.15       U 0.01-0.05         U 20-150
+planetary  logU 0.5-3       logU 1e-4-1e-2     U 0.001-0.5       logU 1e-4-0.05      logU 10-150
+stellar    logU 0.3-5       U 0.3-1            U 0.001-0.8       logU 0.001-0.1      logU 20-200
+=========  ===============  =================  ================  ==================  ================
+
+baseline and distinct are the thesis sets, kept uniform as there (and as in the measured
+detectability figures); planetary and stellar span one or more decades in s, rho and tE,
+where uniform draws would leave the low decade almost empty, hence log-uniform.
+
+Reproducibility: event ``index`` of class ``kind`` (0 = PSPL, 1 = binary) draws
+everything (mask, parameters, redraws after a failure, noise) from its own stream
+``np.random.default_rng([seed, kind, index])``, so the classes never share a stream and
+the output does not depend on the number of workers. Chunks of events have fixed
+boundaries and each runs in a fresh process, because VBMicrolensing keeps static state
+(the root finder starts from the previous roots) that changes its float64 results in the
+last bits with the call history.
+
+Event ids: ``(seed mod 2**30) * 2**32 + kind * 2**31 + index`` (int64, unique in a
+file, and across files whose seeds differ modulo 2**30); ``decode_event_id`` inverts it.
+
+Order in the file: the PSPL events 0..n_pspl-1 followed by the binaries 0..n_binary-1,
+permuted by ``np.random.default_rng([seed, 2]).permutation(n_pspl + n_binary)``: the
+classes are interleaved, deterministically.
+
+A VBMicrolensing failure (exception, NaN or inf) makes the event draw new parameters
+from its own stream; failures are counted in ``meta["failures_resampled"]``. A binary
+is never written with a failed or a substituted curve.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from training import detectability, physics
+from training.dataset import PARAM_FIELDS, Dataset
+
+HELP = "simulate PSPL and binary-lens light curves into a dataset (.npz)"
+
+N_EPOCHS = 1500
+WINDOW_DAYS = 1000.0
+EPOCHS = np.linspace(0.0, WINDOW_DAYS, N_EPOCHS)
+MIN_POINTS = 10
+MAX_FAILURES_PER_EVENT = 100
+# Fixed chunk boundaries (part of what makes the output independent of --workers).
+BINARY_CHUNK = 32
+PSPL_CHUNK = 1024
+PSPL, BINARY, ORDER_STREAM = 0, 1, 2
+KIND_NAMES = {PSPL: "PSPL", BINARY: "binary"}
+
+
+class SimulationError(ValueError):
+    """Bad simulation settings (the message names the setting)."""
+
+
+@dataclass(frozen=True)
+class Prior:
+    lo: float
+    hi: float
+    log: bool = False
+
+    def draw(self, rng: np.random.Generator) -> float:
+        if self.log:
+            return float(math.exp(rng.uniform(math.log(self.lo), math.log(self.hi))))
+        return float(rng.uniform(self.lo, self.hi))
+
+    def describe(self) -> str:
+        return f"{'log-uniform' if self.log else 'uniform'} {self.lo:g}..{self.hi:g}"
+
+
+def U(lo, hi):  # noqa: N802
+    return Prior(lo, hi, False)
+
+
+def LogU(lo, hi):  # noqa: N802
+    return Prior(lo, hi, True)
+
+
+PARAMETER_SETS: dict[str, dict[str, Prior]] = {
+    "baseline": {"s": U(0.1, 2.5), "q": U(0.1, 1.0), "u0": U(0.01, 0.5),
+                 "rho": U(0.01, 0.1), "tE": U(10.0, 100.0)},
+    "distinct": {"s": U(0.8, 1.5), "q": U(0.1, 0.5), "u0": U(0.01, 0.15),
+                 "rho": U(0.01, 0.05), "tE": U(20.0, 150.0)},
+    "planetary": {"s": LogU(0.5, 3.0), "q": LogU(1e-4, 1e-2), "u0": U(0.001, 0.5),
+                  "rho": LogU(1e-4, 0.05), "tE": LogU(10.0, 150.0)},
+    "stellar": {"s": LogU(0.3, 5.0), "q": U(0.3, 1.0), "u0": U(0.001, 0.8),
+                "rho": LogU(0.001, 0.1), "tE": LogU(20.0, 200.0)},
+}
+# Shared by every set and both classes.
+T0_PRIOR = U(0.0, WINDOW_DAYS)
+ALPHA_PRIOR = U(0.0, 2.0 * math.pi)
+BASELINE_MAG_PRIOR = U(18.0, 22.0)
+FS_PRIOR = U(0.5, 1.0)
+# The thesis' PSPL priors: a shortcut (the classes then differ in u0 and tE, so a
+# classifier can learn the simulator instead of the lens). Only with thesis_priors.
+THESIS_PSPL_PRIORS = {"u0": U(0.01, 1.0), "tE": U(10.0, 150.0)}
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    parameter_set: str = "baseline"
+    seed: int = 0
+    cadence_mask_prob: float = 0.2
+    mag_error_std: float = 0.05
+    thesis_priors: bool = False
+    vbm_tol: float = physics.DEFAULT_TOL
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if self.parameter_set not in PARAMETER_SETS:
+            raise SimulationError(f"unknown binary parameter set {self.parameter_set!r}; "
+                                  f"choose from {', '.join(PARAMETER_SETS)}")
+        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool) \
+                or self.seed < 0:
+            raise SimulationError(f"seed must be a non-negative integer, got {self.seed!r}")
+        p = self.cadence_mask_prob
+        if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
+            raise SimulationError(f"cadence mask probability must be in [0, 1), got {p!r}")
+        e = self.mag_error_std
+        if not (isinstance(e, (int, float)) and math.isfinite(e) and e > 0):
+            raise SimulationError(f"magnitude error std must be a positive number, got {e!r}")
+        if not (isinstance(self.vbm_tol, (int, float)) and math.isfinite(self.vbm_tol)
+                and self.vbm_tol > 0):
+            raise SimulationError(f"VBMicrolensing tolerance must be > 0 (0 hangs), "
+                                  f"got {self.vbm_tol!r}")
+
+
+# ----------------------------------------------------------------------------- events
+
+def event_rng(seed: int, kind: int, index: int) -> np.random.Generator:
+    """The random stream of one event (kind 0 = PSPL, 1 = binary)."""
+    return np.random.default_rng([int(seed), int(kind), int(index)])
+
+
+def event_id(seed: int, kind: int, index: np.ndarray | int) -> np.ndarray:
+    return (np.int64(seed % (1 << 30)) << np.int64(32)) + (np.int64(kind) << np.int64(31)) \
+        + np.asarray(index, dtype=np.int64)
+
+
+def decode_event_id(eid: int) -> tuple[int, int, int]:
+    """(seed mod 2**30, kind, index) of an event id."""
+    eid = int(eid)
+    return eid >> 32, (eid >> 31) & 1, eid & ((1 << 31) - 1)
+
+
+def draw_parameters(rng: np.random.Generator, kind: int, config: SimulationConfig) -> dict:
+    """One parameter draw. Both classes draw the shared parameters in the same order from
+    the same priors; binaries then draw s, q, alpha, rho."""
+    priors = PARAMETER_SETS[config.parameter_set]
+    shared = THESIS_PSPL_PRIORS if (config.thesis_priors and kind == PSPL) else priors
+    p = {"t0": T0_PRIOR.draw(rng), "tE": shared["tE"].draw(rng), "u0": shared["u0"].draw(rng),
+         "baseline_mag": BASELINE_MAG_PRIOR.draw(rng), "fs": FS_PRIOR.draw(rng)}
+    if kind == BINARY:
+        p.update(s=priors["s"].draw(rng), q=priors["q"].draw(rng),
+                 alpha=ALPHA_PRIOR.draw(rng), rho=priors["rho"].draw(rng))
+    else:
+        p.update(s=math.nan, q=math.nan, alpha=math.nan, rho=math.nan)
+    return p
+
+
+def simulate_event(kind: int, index: int, config: SimulationConfig) -> dict:
+    """Simulate one event; returns its epochs (indices into EPOCHS), magnitudes,
+    parameters (PARAM_FIELDS order) and the number of failed binary computations."""
+    rng = event_rng(config.seed, kind, index)
+    while True:
+        keep = np.flatnonzero(rng.random(N_EPOCHS) >= config.cadence_mask_prob)
+        if keep.size >= MIN_POINTS:
+            break
+    t = EPOCHS[keep]
+    failures = 0
+    while True:
+        p = draw_parameters(rng, kind, config)
+        if kind == PSPL:
+            A = physics.pspl_magnification(t, p["t0"], p["u0"], p["tE"])
+            break
+        try:
+            A = physics.binary_magnification(t, p["t0"], p["u0"], p["tE"], p["s"], p["q"],
+                                             p["alpha"], p["rho"], tol=config.vbm_tol)
+        except physics.MagnificationError:
+            A = None
+        if A is not None and A.shape == t.shape and np.all(np.isfinite(A)) and np.all(A > 0):
+            break
+        failures += 1
+        if failures >= MAX_FAILURES_PER_EVENT:
+            raise RuntimeError(f"VBMicrolensing failed {failures} times in a row for binary "
+                               f"event {index} (seed {config.seed}); last parameters {p}")
+    F = physics.flux(A, p["fs"])
+    mag_model = physics.flux_to_mag(F, p["baseline_mag"])
+    mag = mag_model + rng.normal(0.0, config.mag_error_std, t.size)
+    if kind == BINARY:
+        fit = detectability.detectability(t, F, config.mag_error_std,
+                                          true_params=(p["t0"], p["u0"], p["tE"]))
+        mag_pspl = physics.flux_to_mag(np.maximum(fit.flux(t), 1e-12), p["baseline_mag"])
+        p["dchi2"] = fit.chi2
+    else:
+        mag_pspl = mag_model
+        p["dchi2"] = math.nan
+    return {"keep": keep.astype(np.int16), "mag": mag, "mag_model": mag_model,
+            "mag_pspl": mag_pspl, "params": [p[k] for k in PARAM_FIELDS], "failures": failures}
+
+
+def _limit_threads():
+    try:
+        from threadpoolctl import threadpool_limits
+        return threadpool_limits(limits=1)
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return None
+
+
+def simulate_chunk(kind: int, start: int, stop: int, config: SimulationConfig) -> dict:
+    """Events ``start..stop-1`` of one class, packed into arrays (what a worker returns).
+
+    BLAS runs on one thread here whatever the caller, so the results do not depend on
+    where the chunk runs.
+    """
+    limiter = _limit_threads()
+    try:
+        events = [simulate_event(kind, i, config) for i in range(start, stop)]
+    finally:
+        if limiter is not None:
+            limiter.restore_original_limits()
+    return {
+        "kind": kind, "start": start,
+        "lengths": np.array([e["keep"].size for e in events], dtype=np.int64),
+        "keep": np.concatenate([e["keep"] for e in events]),
+        **{k: np.concatenate([e[k] for e in events]).astype(np.float32)
+           for k in ("mag", "mag_model", "mag_pspl")},
+        "params": np.array([e["params"] for e in events], dtype=np.float64).reshape(-1, len(PARAM_FIELDS)),
+        "failures": int(sum(e["failures"] for e in events)),
+    }
+
+
+def _run_task(task) -> dict:
+    return simulate_chunk(*task)
+
+
+def _worker_init():
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _limit_threads()
+
+
+def _chunks(kind: int, n: int, size: int) -> list[tuple[int, int, int]]:
+    return [(kind, a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for dist in ("numpy", "VBMicrolensing", "ulens-broker"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _pool_context():
+    """Fresh worker processes: forked from a clean fork server (or spawned)."""
+    import multiprocessing
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = get_context("forkserver")
+        ctx.set_forkserver_preload(["training.simulate"])
+        return ctx
+    return get_context("spawn")
+
+
+def simulate(n_pspl: int, n_binary: int, config: SimulationConfig | None = None,
+             workers: int | None = None, progress: bool = False,
+             command: str | None = None) -> Dataset:
+    """Simulate ``n_pspl`` PSPL and ``n_binary`` binary events into a Dataset.
+
+    ``workers``: number of worker processes (None = os.cpu_count()). The result depends
+    only on the counts and ``config``, not on ``workers``: chunks have fixed boundaries
+    (``BINARY_CHUNK``, ``PSPL_CHUNK`` events) and every chunk runs in a fresh process.
+    The fresh process matters: VBMicrolensing keeps static state between calls (root
+    finder seeds), which changes its float64 results in the last bits with the call
+    history. ``workers=0`` runs the chunks one after the other in this process (for
+    debugging and tests): same draws, but float64 values may differ in the last bits.
+    ``command`` is recorded in the metadata.
+    """
+    config = config or SimulationConfig()
+    config.validate()
+    for name, n in (("number of PSPL events", n_pspl), ("number of binary events", n_binary)):
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+            raise SimulationError(f"{name} must be a non-negative integer, got {n!r}")
+        if n >= 1 << 31:
+            raise SimulationError(f"{name} must be below 2**31, got {n}")
+    if n_pspl + n_binary == 0:
+        raise SimulationError("nothing to simulate: both event counts are 0")
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if not isinstance(workers, (int, np.integer)) or isinstance(workers, bool) or workers < 0:
+        raise SimulationError(f"workers must be a non-negative integer, got {workers!r}")
+    tasks = _chunks(BINARY, n_binary, BINARY_CHUNK) + _chunks(PSPL, n_pspl, PSPL_CHUNK)
+
+    results: dict[tuple[int, int], dict] = {}
+    from tqdm import tqdm
+    with tqdm(total=n_pspl + n_binary, unit="event", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True, smoothing=0.05) as bar:
+        if workers == 0:
+            for task in tasks:
+                r = simulate_chunk(*task, config)
+                results[(r["kind"], r["start"])] = r
+                bar.update(len(r["lengths"]))
+        else:
+            ctx = _pool_context()
+            pool = ctx.Pool(processes=min(workers, len(tasks)), initializer=_worker_init,
+                            maxtasksperchild=1)
+            try:
+                for r in pool.imap_unordered(_run_task, [(*task, config) for task in tasks]):
+                    results[(r["kind"], r["start"])] = r
+                    bar.update(len(r["lengths"]))
+                pool.close()
+            finally:
+                pool.terminate()
+                pool.join()
+
+    parts = [results[(k, a)] for k, a, _ in _chunks(PSPL, n_pspl, PSPL_CHUNK)] + \
+            [results[(k, a)] for k, a, _ in _chunks(BINARY, n_binary, BINARY_CHUNK)]
+    lengths = np.concatenate([r["lengths"] for r in parts])
+    kinds = np.concatenate([np.full(len(r["lengths"]), r["kind"], np.int8) for r in parts])
+    index = np.concatenate([np.arange(r["start"], r["start"] + len(r["lengths"])) for r in parts])
+    params = np.concatenate([r["params"] for r in parts])
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    keep = np.concatenate([r["keep"] for r in parts]).astype(np.int64)
+    point = {k: np.concatenate([r[k] for r in parts]) for k in ("mag", "mag_model", "mag_pspl")}
+
+    order = np.random.default_rng([int(config.seed), ORDER_STREAM]).permutation(len(lengths))
+    lens = lengths[order]
+    offsets = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    take = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in order])
+    ids = np.where(kinds == PSPL, event_id(config.seed, PSPL, index),
+                   event_id(config.seed, BINARY, index))
+    failures = int(sum(r["failures"] for r in parts))
+    priors = PARAMETER_SETS[config.parameter_set]
+    meta = {
+        "generator": "training.simulate",
+        "parameter_set": config.parameter_set,
+        "priors": {
+            "binary": {k: v.describe() for k, v in priors.items()} | {
+                "alpha": ALPHA_PRIOR.describe() + " rad"},
+            "pspl": ({k: v.describe() for k, v in THESIS_PSPL_PRIORS.items()}
+                     if config.thesis_priors else "same u0 and tE priors as the binaries"),
+            "shared": {"t0": T0_PRIOR.describe() + " d", "baseline_mag": BASELINE_MAG_PRIOR.describe(),
+                       "fs": FS_PRIOR.describe()},
+        },
+        "thesis_priors": bool(config.thesis_priors),
+        "seed": int(config.seed),
+        "cadence": {"n_epochs": N_EPOCHS, "window_days": WINDOW_DAYS, "spacing": "even",
+                    "mask_prob": float(config.cadence_mask_prob), "min_points": MIN_POINTS},
+        "cadence_mask_prob": float(config.cadence_mask_prob),
+        "mag_error_std": float(config.mag_error_std),
+        "n_pspl": int(n_pspl), "n_binary": int(n_binary),
+        "failures_resampled": failures,
+        "vbm_tol": float(config.vbm_tol),
+        "binary_model": "VBMicrolensing BinaryLightCurve, finite uniform source, static",
+        "detectability": "dchi2 = chi2 of the best PSPL fit (t0, u0, tE; source flux >= 0 and "
+                         "blend flux solved in closed form) to the noise-free flux under the "
+                         "mag errors converted to flux",
+        "event_id": "(seed mod 2**30) * 2**32 + kind * 2**31 + index, kind 0 PSPL / 1 binary",
+        "order": "PSPL then binaries, permuted by default_rng([seed, 2]).permutation(n)",
+        "command": command,
+        "versions": _versions(),
+    }
+    ds = Dataset(offsets=offsets, time=EPOCHS[keep[take]], mag=point["mag"][take],
+                 mag_err=np.full(len(take), config.mag_error_std, dtype=np.float32),
+                 mag_model=point["mag_model"][take], mag_pspl=point["mag_pspl"][take],
+                 event_id=ids[order].astype(np.int64), label=kinds[order].astype(np.int8),
+                 params={k: params[order, j] for j, k in enumerate(PARAM_FIELDS)}, meta=meta)
+    ds.validate("simulated dataset")
+    return ds
+
+
+# ------------------------------------------------------------------------------- CLI
+
+def check_output(path: str | Path) -> Path:
+    """Fail early (SimulationError) when ``path`` cannot be written."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise SimulationError(f"output {path} is a directory, not a file")
+    parent = path.parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SimulationError(f"output {path} cannot be written: {probe} is not a directory")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".ulens-write-test-"):
+            pass
+    except OSError as exc:
+        raise SimulationError(f"output {path} cannot be written: {exc.strerror or exc}") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise SimulationError(f"output {path} exists and is not writable")
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("what to simulate")
+    g.add_argument("--n-pspl", type=int, required=True, metavar="N",
+                   help="number of single-lens (PSPL) events, label 0")
+    g.add_argument("--n-binary", type=int, required=True, metavar="N",
+                   help="number of binary-lens events, label 1 (finite source, VBMicrolensing)")
+    g.add_argument("--binary-params", default="baseline", metavar="NAME",
+                   help="binary parameter set: " + "; ".join(
+                       f"{n} (" + ", ".join(f"{k} {v.describe()}" for k, v in ps.items()) + ")"
+                       for n, ps in PARAMETER_SETS.items())
+                   + ". PSPL events draw u0 and tE from the same set. Every event: t0 uniform "
+                     "0..1000 d, baseline mag uniform 18..22, source fraction fs uniform 0.5..1"
+                     ", alpha uniform 0..2pi")
+    g.add_argument("--output", "-o", required=True, metavar="FILE",
+                   help="dataset file to write (.npz, the training.dataset format): per event "
+                        "the observed and noise-free magnitudes, the best-fit PSPL model, the "
+                        "true parameters and, for binaries, dchi2 = chi2 of the best PSPL fit to "
+                        "the noise-free curve (detectability)")
+    g = parser.add_argument_group("observing")
+    g.add_argument("--cadence-mask-prob", type=float, default=0.2, metavar="P",
+                   help="probability that each of the 1,500 evenly spaced epochs over 1000 d is "
+                        "dropped, independently (thesis: 0.05, 0.2, 0.3, 0.4); in [0, 1)")
+    g.add_argument("--mag-error-std", type=float, default=0.05, metavar="S",
+                   help="std of the Gaussian magnitude errors, also stored as mag_err "
+                        "(thesis: 0.05, 0.10, 0.20)")
+    g = parser.add_argument_group("reproducibility and speed")
+    g.add_argument("--seed", type=int, default=0, metavar="K",
+                   help="random seed; the same seed gives the same data whatever --workers")
+    g.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="W",
+                   help="worker processes (each chunk of events runs in a fresh one)")
+    g.add_argument("--vbm-tol", type=float, default=physics.DEFAULT_TOL, metavar="TOL",
+                   help="VBMicrolensing absolute accuracy goal on the magnification (> 0; "
+                        "1e-2 measured at <= 0.002 mag error, 1e-3 at 0.0002 mag and half the "
+                        "speed)")
+    g.add_argument("--thesis-priors", action="store_true",
+                   help="SHORTCUT, for reproducing the thesis only: PSPL events draw u0 uniform "
+                        "0.01..1 and tE uniform 10..150 instead of the binary set's priors, so "
+                        "the classes differ in u0/tE (a classifier can learn that); recorded in "
+                        "the metadata")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def _recorded_command(args: argparse.Namespace) -> str:
+    """The command that reproduces the file, with every option that changes it spelled
+    out (--workers, --quiet and --output do not change the data and are left out)."""
+    parts = ["ulens", "simulate", "--n-pspl", str(args.n_pspl), "--n-binary", str(args.n_binary),
+             "--binary-params", args.binary_params,
+             "--cadence-mask-prob", repr(float(args.cadence_mask_prob)),
+             "--mag-error-std", repr(float(args.mag_error_std)), "--seed", str(args.seed),
+             "--vbm-tol", repr(float(args.vbm_tol))]
+    if args.thesis_priors:
+        parts.append("--thesis-priors")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = SimulationConfig(parameter_set=args.binary_params, seed=args.seed,
+                              cadence_mask_prob=args.cadence_mask_prob,
+                              mag_error_std=args.mag_error_std, thesis_priors=args.thesis_priors,
+                              vbm_tol=args.vbm_tol)
+    config.validate()
+    for name, n in (("--n-pspl", args.n_pspl), ("--n-binary", args.n_binary)):
+        if n < 0:
+            raise SimulationError(f"{name} must be >= 0, got {n}")
+    if args.n_pspl + args.n_binary == 0:
+        raise SimulationError("nothing to simulate: --n-pspl and --n-binary are both 0")
+    if args.workers < 1:
+        raise SimulationError(f"--workers must be >= 1, got {args.workers}")
+    output = check_output(args.output)
+    t_start = time.perf_counter()
+    ds = simulate(args.n_pspl, args.n_binary, config, workers=args.workers,
+                  progress=not args.quiet, command=_recorded_command(args))
+    elapsed = time.perf_counter() - t_start
+    ds.save(output)
+    n = ds.n_events
+    print(f"wrote {output}: {n} events ({args.n_pspl} PSPL, {args.n_binary} binary), "
+          f"{len(ds.time)} points, {elapsed:.1f} s ({n / elapsed:.1f} events/s with "
+          f"{args.workers} worker(s)); VBMicrolensing failures resampled: "
+          f"{ds.meta['failures_resampled']}")
+    d = ds.params["dchi2"][ds.label == 1]
+    if d.size:
+        print(f"binary dchi2: <25 {np.mean(d < 25):.1%}, <160 {np.mean(d < 160):.1%}, "
+              f">1000 {np.mean(d > 1000):.1%}, median {np.median(d):.0f}")
+    return 0
+
+
+__all__ = ["SimulationConfig", "SimulationError", "PARAMETER_SETS", "simulate",
+           "simulate_event", "simulate_chunk", "draw_parameters", "event_id", "decode_event_id",
+           "check_output", "EPOCHS"]
