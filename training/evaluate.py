@@ -1,0 +1,323 @@
+"""`ulens evaluate`: score held-out events with a trained model; summary JSON and plots.
+
+Held-out events only: when ``--data`` is the file the model was trained on (same
+SHA-256 as the card's ``data.sha256``), the run's test split (``split.json``) is scored;
+any other file is held out as a whole. ``--split all`` on the training file scores every
+event and says so in the summary (``includes_training_events``).
+
+Everything is measured with the one decision rule (:mod:`training.decision`) on the
+event score = running maximum of the causal 5-point mean of P(binary):
+
+* accuracy / precision / recall / F1 / confusion matrix at the card's threshold; ROC AUC
+  and PR AUC of the event score (P(binary), never the winning class's confidence);
+* PSPL vs detectable binaries (Δχ² >= 160): ROC AUC and recall at the card threshold
+  (chosen on validation so that <= 5% of PSPL events fire);
+* recall in Δχ² bins (<25, 25-160, 160-1000, >1000);
+* early detection: the event score with data up to 10/25/50/67/83/100% of each light
+  curve's points, and up to t0 - tE, t0 - tE/2, t0, t0 + tE/2. The model and the
+  features are causal, so the per-point outputs of one run over the whole curve *are*
+  the cut-and-rerun outputs (tests/unit/test_train_eval.py proves it on an event);
+* decision time (first trigger) relative to t0, in days and in units of tE;
+* a threshold sweep 0.5-0.99.
+
+Writes ``DIR/evaluation/evaluation_summary.json`` (or ``--output``) and PNGs (roc.png,
+decision_time.png, recall_vs_dchi2.png, early_detection.png); ``--json`` prints the summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HELP = "evaluate a trained model on held-out events (metrics JSON + plots)"
+
+FRACTIONS = (0.10, 0.25, 0.50, 0.67, 0.83, 1.00)
+TIME_CUTS = (("t0-tE", -1.0), ("t0-tE/2", -0.5), ("t0", 0.0), ("t0+tE/2", 0.5))
+SWEEP = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
+
+
+class EvaluateError(ValueError):
+    """Bad evaluation input (the message names the problem)."""
+
+
+def select_events(art_dir: Path, card: dict, data_path: Path, ds, split: str) -> tuple[np.ndarray, dict]:
+    """Indices of the events to score and a description of the choice."""
+    from training.train import file_sha256
+
+    same = card.get("data", {}).get("sha256") == file_sha256(data_path)
+    if not same:
+        return np.arange(ds.n_events), {"split": "all", "data_is_training_file": False,
+                                        "includes_training_events": False}
+    if split == "all":
+        return np.arange(ds.n_events), {"split": "all", "data_is_training_file": True,
+                                        "includes_training_events": True}
+    split_path = art_dir / "split.json"
+    if not split_path.is_file():
+        raise EvaluateError(f"{data_path} is the model's training file but {split_path} is missing: "
+                            "cannot tell held-out events (use another dataset or --split all)")
+    try:
+        ids = np.asarray(json.loads(split_path.read_text())["test"], dtype=np.int64)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EvaluateError(f"{split_path}: unreadable split ({exc})") from None
+    idx = np.flatnonzero(np.isin(ds.event_id, ids))
+    if len(idx) != len(ids):
+        raise EvaluateError(f"{split_path}: {len(ids) - len(idx)} test event ids are not in {data_path}")
+    return idx, {"split": "test", "data_is_training_file": True, "includes_training_events": False}
+
+
+def event_probs(art, ds, events) -> list[np.ndarray]:
+    """P(binary) per point over each whole light curve (one causal run per event)."""
+    inputs = [art.inputs(*ds.event(int(i))) for i in events]
+    return art.predict_curves(inputs, batch_size=128)
+
+
+def cut_and_rerun_score(art, time, mag, mag_err, n_points: int) -> float:
+    """Event score from a fresh run on the first ``n_points`` points only (the slow way)."""
+    from training import decision
+
+    dec = art.decision
+    if n_points <= 0:
+        return float("-inf")
+    x = art.inputs(time[:n_points], mag[:n_points], mag_err[:n_points])
+    p = art.predict(x[None])[0]
+    return decision.event_score(p, dec["min_points"], dec["smooth_window"])
+
+
+def _stats(v: np.ndarray) -> dict:
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return {"n": 0}
+    q = np.percentile(v, [10, 25, 50, 75, 90])
+    return {"n": int(len(v)), "mean": float(v.mean()), "p10": float(q[0]), "p25": float(q[1]),
+            "median": float(q[2]), "p75": float(q[3]), "p90": float(q[4])}
+
+
+def evaluate(model_dir, data, split: str = "test", early_detection: bool = True,
+             device: str = "cpu", plots: bool = True, output=None) -> dict:
+    """Score held-out events; write ``output`` (default ``model_dir/evaluation``); return the summary."""
+    from training import dataset as dataset_mod
+    from training import decision, metrics
+    from training.artifact import load_artifact
+
+    model_dir, data_path = Path(model_dir), Path(data)
+    art = load_artifact(model_dir, device=device)  # ArtifactError names the file
+    if art.device.type == "cuda":  # float32 as on the CPU broker, no TF32
+        import torch
+
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    ds = dataset_mod.load(data_path)               # DatasetError names the file
+    events, chosen = select_events(model_dir, art.card, data_path, ds, split)
+    if len(events) == 0:
+        raise EvaluateError(f"{data_path}: no events to evaluate")
+    dec, thr = art.decision, art.threshold
+    mp, sm = dec["min_points"], dec["smooth_window"]
+    labels = ds.label[events].astype(int)
+    dchi2 = ds.params["dchi2"][events]
+    t0, tE = ds.params["t0"][events], ds.params["tE"][events]
+    probs = event_probs(art, ds, events)
+    running = [decision.running_score(p, mp, sm) for p in probs]
+    scores = np.array([r[-1] if len(r) else -np.inf for r in running])
+    det = metrics.detectable_mask(labels, dchi2)
+    bin_det = det & (labels == 1)
+
+    summary: dict = {
+        "model": {"dir": str(model_dir), "version": art.version, "threshold": thr, "decision": dec},
+        "data": {"path": str(data_path), "n_events": int(ds.n_events), "meta": ds.meta, **chosen},
+        "n_events": int(len(events)), "n_pspl": int((labels == 0).sum()), "n_binary": int((labels == 1).sum()),
+        "score": "event score = max over points (>= min_points seen) of the causal "
+                 f"{sm}-point mean of P(binary)",
+    }
+    summary["classification"] = metrics.classification(labels, scores, thr)
+    summary["roc_auc"] = metrics.roc_auc(labels, scores)
+    summary["pr_auc"] = metrics.pr_auc(labels, scores)
+    summary["detectable"] = {
+        "dchi2_min": metrics.DETECTABLE_DCHI2, "n_binary": int(bin_det.sum()),
+        "roc_auc": metrics.roc_auc(labels[det], scores[det]),
+        "recall_at_threshold": float((scores[bin_det] >= thr).mean()) if bin_det.any() else None,
+        "pspl_firing_rate": float((scores[labels == 0] >= thr).mean()) if (labels == 0).any() else None,
+    }
+    if (labels == 0).any() and bin_det.any():  # reference only: threshold fitted on these test PSPL
+        for rate in (0.05, 0.01):
+            th = decision.threshold_for_false_rate(scores[labels == 0], rate)
+            summary["detectable"][f"recall_at_{int(rate * 100)}pct_test_pspl_firing"] = \
+                float((scores[bin_det] >= th).mean())
+    summary["binary_dchi2_fractions"] = {
+        "below_25": float(np.mean(dchi2[labels == 1] < 25)) if (labels == 1).any() else None,
+        "below_160": float(np.mean(dchi2[labels == 1] < 160)) if (labels == 1).any() else None}
+    summary["recall_by_dchi2"] = metrics.recall_by_dchi2(labels, scores, dchi2, thr)
+
+    # decision time at the card threshold
+    first = [decision.first_trigger(p, thr, mp, sm) for p in probs]
+    t_fire = np.array([ds.event(int(i))[0][j] if j is not None else np.nan for i, j in zip(events, first)])
+    dt_days = t_fire - t0
+    summary["decision_time"] = {
+        "binary_detectable_days": _stats(dt_days[bin_det]), "binary_detectable_tE": _stats((dt_days / tE)[bin_det]),
+        "binary_all_tE": _stats((dt_days / tE)[labels == 1]),
+        "pspl_false_trigger_tE": _stats((dt_days / tE)[labels == 0]),
+        "fraction_detectable_fired_before_t0": float(np.mean(np.nan_to_num(dt_days[bin_det], nan=np.inf) < 0))
+        if bin_det.any() else None}
+
+    # threshold sweep
+    sweep = []
+    for th in sorted(set(SWEEP) | {round(thr, 6)}):
+        c = metrics.classification(labels, scores, th)
+        fired_det = scores[bin_det] >= th
+        fd = []
+        for k in np.flatnonzero(bin_det):
+            j = decision.first_trigger(probs[k], th, mp, sm)
+            if j is not None:
+                fd.append((ds.event(int(events[k]))[0][j] - t0[k]) / tE[k])
+        sweep.append({"threshold": th, "precision": c["precision"], "recall": c["recall"], "f1": c["f1"],
+                      "pspl_firing_rate": c["pspl_firing_rate"],
+                      "recall_detectable": float(fired_det.mean()) if bin_det.any() else None,
+                      "median_decision_time_tE_detectable": float(np.median(fd)) if fd else None})
+    summary["threshold_sweep"] = sweep
+
+    # early detection (one causal run = cut-and-rerun, see module docstring)
+    if early_detection:
+        rows = []
+        cuts = [(f"{int(round(f * 100))}%", lambda n, k, f=f: int(np.ceil(f * n))) for f in FRACTIONS]
+        cuts += [(name, lambda n, k, c=c: int(np.searchsorted(ds.event(int(events[k]))[0],
+                                                               t0[k] + c * tE[k], side="right")))
+                 for name, c in TIME_CUTS]
+        for name, cut in cuts:
+            s = np.empty(len(events))
+            for k, r in enumerate(running):
+                n = cut(len(r), k)
+                s[k] = r[n - 1] if n >= 1 else -np.inf
+            fired = s >= thr
+            rows.append({"cut": name, "roc_auc": metrics.roc_auc(labels, s),
+                         "roc_auc_detectable": metrics.roc_auc(labels[det], s[det]),
+                         "recall_detectable": float(fired[bin_det].mean()) if bin_det.any() else None,
+                         "recall": float(fired[labels == 1].mean()) if (labels == 1).any() else None,
+                         "pspl_firing_rate": float(fired[labels == 0].mean()) if (labels == 0).any() else None})
+        summary["early_detection"] = rows
+
+    out = Path(output) if output is not None else model_dir / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    summary["output"] = str(out)
+    if plots:
+        summary["plots"] = _plots(out, labels, scores, det, bin_det, dt_days / tE, dchi2, thr,
+                                  summary.get("early_detection"))
+    (out / "evaluation_summary.json").write_text(json.dumps(summary, indent=2, default=_json) + "\n")
+    return summary
+
+
+def _json(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(type(o).__name__)
+
+
+def _plots(out: Path, labels, scores, det, bin_det, dt_tE, dchi2, thr, early) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    files = []
+    s = np.where(np.isfinite(scores), scores, -1.0)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, sel in (("all binaries", np.ones_like(det)), ("Δχ² ≥ 160", det)):
+        if len(np.unique(labels[sel])) == 2:
+            fpr, tpr, _ = roc_curve(labels[sel], s[sel])
+            ax.plot(fpr, tpr, label=name)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.axvline(0.05, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="PSPL firing rate (FPR)", ylabel="binary recall (TPR)", title="ROC of the event score")
+    ax.legend(loc="lower right")
+    files.append(_save(fig, out / "roc.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    v = dt_tE[bin_det & np.isfinite(dt_tE)]
+    if len(v):
+        ax.hist(np.clip(v, -3, 3), bins=40)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set(xlabel="first trigger − t0 [tE] (clipped to ±3)", ylabel="binaries (Δχ² ≥ 160)",
+           title=f"Decision time at threshold {thr:.3f}")
+    files.append(_save(fig, out / "decision_time.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    b = labels == 1
+    d = dchi2[b]
+    edges = np.logspace(0, 5, 21)
+    centres, rec = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (d >= lo) & (d < hi)
+        if sel.sum() >= 3:
+            centres.append(np.sqrt(lo * hi))
+            rec.append(np.mean(scores[b][sel] >= thr))
+    ax.semilogx(centres, rec, "o-")
+    ax.axvline(160, color="grey", ls="--", lw=0.8)
+    ax.set(xlabel="Δχ² (best PSPL fit to the binary)", ylabel="recall at threshold", ylim=(0, 1.02),
+           title="Recall vs detectability")
+    files.append(_save(fig, out / "recall_vs_dchi2.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    if early:
+        n_frac = len(FRACTIONS)
+        for ax, rows, xlabel in ((axes[0], early[:n_frac], "share of each light curve's points seen"),
+                                 (axes[1], early[n_frac:], "data up to")):
+            names = [r["cut"] for r in rows]
+            ax.plot(names, [r["recall_detectable"] for r in rows], "o-", label="recall Δχ² ≥ 160")
+            ax.plot(names, [r["recall"] for r in rows], "s-", label="recall all binaries")
+            ax.plot(names, [r["pspl_firing_rate"] for r in rows], "^-", label="PSPL firing rate")
+            ax.plot(names, [r["roc_auc_detectable"] for r in rows], "d--", label="AUC Δχ² ≥ 160")
+            ax.set(xlabel=xlabel, ylim=(0, 1.02))
+        axes[0].legend(fontsize=8)
+    fig.suptitle(f"Early detection (threshold {thr:.3f})")
+    files.append(_save(fig, out / "early_detection.png"))
+    return files
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path.name
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="model artifact / training run folder")
+    p.add_argument("--data", required=True, metavar="FILE", help="dataset .npz")
+    p.add_argument("--split", choices=("test", "all"), default="test",
+                   help="on the training file: its test split, or all events")
+    p.add_argument("--early-detection", action="store_true", help="also measure early detection")
+    p.add_argument("--json", action="store_true", help="print the summary JSON")
+    p.add_argument("--output", metavar="DIR", default=None,
+                   help="folder for the summary and plots (default: MODEL/evaluation)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+
+
+def run(args) -> int:
+    if args.num_threads:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
+    from training.artifact import resolve_device
+
+    s = evaluate(args.model, args.data, split=args.split, early_detection=args.early_detection,
+                 device=str(resolve_device(args.device)), output=args.output)
+    if args.json:
+        print(json.dumps(s, indent=2, default=_json))
+    else:
+        d = s["detectable"]
+        c = s["classification"]
+        print(f"{s['n_events']} events ({s['data']['split']}): ROC AUC {_f(s['roc_auc'])}, "
+              f"PR AUC {_f(s['pr_auc'])}; at threshold {c['threshold']:.4f}: accuracy {c['accuracy']:.3f}, "
+              f"precision {c['precision']:.3f}, recall {c['recall']:.3f}, F1 {c['f1']:.3f}")
+        print(f"PSPL vs Δχ² >= 160 binaries ({d['n_binary']}): ROC AUC {_f(d['roc_auc'])}, recall "
+              f"{_f(d['recall_at_threshold'])} at PSPL firing rate {_f(d['pspl_firing_rate'])}")
+        print(f"wrote {s['output']}", file=sys.stderr)
+    return 0
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
