@@ -17,6 +17,15 @@ OWN_PACKAGES = {"ulens", "config", "schemas", "training", "replay", "broker"}
 # The help is repeated here so that `ulens --help` imports no command module.
 COMMANDS: dict[str, tuple[str, str]] = {
     "services": ("ulens.services", "start, stop and inspect the local Kafka and Redis"),
+    "simulate": ("training.simulate", "simulate PSPL and binary-lens light curves into a dataset (.npz)"),
+    "train": ("training.train", "train the TD-CNN on a simulated dataset"),
+    "evaluate": ("training.evaluate", "evaluate a trained model on held-out events"),
+    "experiments": ("training.experiments", "cadence / noise / topology series: simulate, train, evaluate"),
+    "replay": ("replay.cli", "stream a dataset or archival light curves as Avro alerts into Kafka, in survey time order"),
+    "consume": ("broker.cli_consume", "run the broker: alerts -> Redis light curves -> TD-CNN -> triggers"),
+    "subscribe": ("broker.cli_subscribe", "print triggers as they arrive (the follow-up observer's view)"),
+    "events": ("broker.cli_events", "inspect an event's stored points, probabilities and trigger state"),
+    "report": ("broker.report", "score the trigger topic against a replay's ground truth: purity, decision time, latency"),
 }
 
 

@@ -1,0 +1,382 @@
+"""The consumer loop: thin orchestration of Kafka, Redis and the pure parts.
+
+Per poll batch: decode + validate (``validate``) -> one Redis round trip appending every
+point idempotently (``state``) -> one batched model pass over the events that got a new
+point (``inference``) -> decision (``triggers``) -> one Redis round trip storing
+probabilities and trigger flags -> produce triggers and dead letters, flush, check every
+delivery -> mark triggers sent -> commit the batch's offsets synchronously. Any failure
+before the commit raises: nothing is committed, and a restart re-reads the batch (which
+the idempotent state turns into no-ops).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from broker import state as st
+from broker.errors import BrokerError, DeliveryError
+from broker.inference import Job, Scorer
+from broker.metrics import Interval, Metrics
+from broker.triggers import Rule, decide_many, trigger_record
+from broker.validate import Rejected, dead_letter_headers, validate_batch
+from schemas import default_codec
+
+log = logging.getLogger("broker")
+
+
+def consumer_config(settings, group: str) -> dict:
+    """librdkafka consumer settings: the shared client config (SASL/SSL) + group semantics."""
+    return {**settings.kafka.client_config(), "group.id": group,
+            "enable.auto.commit": False, "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest", "enable.partition.eof": False}
+
+
+def producer_config(settings) -> dict:
+    return {**settings.kafka.client_config(), "acks": "all", "enable.idempotence": True,
+            "linger.ms": 5}
+
+
+def redis_client(settings):
+    """Redis client from ``redis.url`` (rediss:// = TLS) with password/CA from the settings."""
+    import redis
+
+    return redis.Redis.from_url(settings.redis.url, **settings.redis.client_kwargs())
+
+
+@dataclass
+class Summary:
+    alerts: int = 0
+    points: int = 0
+    duplicates: int = 0
+    dead_letters: Tally = field(default_factory=Tally)
+    triggers: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"alerts": self.alerts, "points": self.points, "duplicates": self.duplicates,
+                "dead_letters": dict(self.dead_letters), "triggers": self.triggers,
+                "batches": self.batches, "seconds": round(self.seconds, 3)}
+
+
+class Broker:
+    """One consumer-group member. ``run()`` until idle, a count, or ``stop()``/a signal."""
+
+    def __init__(self, settings, artifact, *, topic: Optional[str] = None, group: Optional[str] = None,
+                 metrics_port: Optional[int] = None, redis=None):
+        from confluent_kafka import Consumer, Producer
+
+        self.settings = settings
+        c = settings.consumer
+        self.topic = topic or settings.kafka.topics.alerts
+        self.group = group or c.group
+        self.codec = default_codec()
+        self.artifact = artifact
+        dec = artifact.decision
+        self.rule = Rule(c.rule, c.threshold if c.threshold is not None else artifact.threshold,
+                         c.min_points, int(dec.get("smooth_window", 5)))
+        self.store = st.EventStore(
+            redis if redis is not None else redis_client(settings), settings.redis.key_prefix,
+            settings.redis.event_ttl_s, settings.redis.max_points,
+            reference_points=int(artifact.card["reference_points"]),
+            receptive_field=artifact.receptive_field, smooth_window=self.rule.smooth)
+        self.scorer = Scorer(artifact)
+        self.metrics = Metrics()
+        self.metrics_server = self.metrics.serve(metrics_port) if metrics_port else None
+        self.summary = Summary()
+        self.assigned = threading.Event()
+        self._stop = threading.Event()
+        self._delivery_errors: list = []
+        self.producer = Producer(producer_config(settings))
+        self.consumer = Consumer(consumer_config(settings, self.group))
+        self.partitions: list[int] = []      # currently assigned partitions of the topic
+        self._assigned_at: Optional[float] = None
+        self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self._interval = Interval()
+        self._closed = False
+
+    # --- lifecycle -------------------------------------------------------------------
+    def _on_assign(self, consumer, partitions) -> None:
+        self.partitions = sorted(p.partition for p in partitions)
+        log.info("assigned %d partition(s) of %s: %s", len(partitions), self.topic, self.partitions)
+        self._assigned_at = time.monotonic()
+        self.assigned.set()
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        # every batch is committed before the next poll, so nothing is in flight here
+        gone = {p.partition for p in partitions}
+        self.partitions = [p for p in self.partitions if p not in gone]
+
+    def stop(self, *_args) -> None:
+        """Ask the loop to finish the current batch, commit and close."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.producer.flush(10)
+        finally:
+            self.consumer.close()
+            if self.metrics_server is not None:
+                server, thread = self.metrics_server
+                server.shutdown()
+                thread.join(5)
+
+    def run(self, until_idle: Optional[float] = None, max_alerts: Optional[int] = None) -> Summary:
+        c = self.settings.consumer
+        started = time.monotonic()
+        idle_from: Optional[float] = None  # nothing read since then (counted once assigned)
+        try:
+            while not self._stop.is_set():
+                want = c.batch_size
+                if max_alerts is not None:
+                    want = min(want, max_alerts - self.summary.alerts)
+                    if want <= 0:
+                        break
+                msgs = self.consumer.consume(num_messages=want, timeout=c.poll_timeout_s)
+                now = time.monotonic()
+                if msgs:
+                    self.process(msgs)
+                    idle_from = None
+                elif until_idle is not None:
+                    # joining the group takes seconds: the idle clock starts (again) at each
+                    # assignment (give up waiting for a first one a minute later)
+                    if self.assigned.is_set():
+                        idle_from = max(idle_from or now, self._assigned_at or now)
+                        if now - idle_from >= until_idle:
+                            break
+                    elif now - started >= until_idle + 60.0:
+                        break
+                self._maybe_log()
+        finally:
+            self.summary.seconds = time.monotonic() - started
+            self._maybe_log(force=True)
+            self.close()
+        return self.summary
+
+    # --- one batch -----------------------------------------------------------------
+    def process(self, msgs: list) -> None:
+        from confluent_kafka import KafkaError, KafkaException
+
+        t0 = time.perf_counter()
+        for m in msgs:
+            err = m.error()
+            if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                if err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
+                    raise BrokerError(f"topic {self.topic!r}: {err.str()}")
+                raise KafkaException(err)
+        msgs = [m for m in msgs if m.error() is None]
+        if not msgs:
+            return
+        points, kept, rejected = validate_batch(self.codec, [m.value() for m in msgs],
+                                                [m.key() for m in msgs])
+        dead: list[tuple[int, Rejected]] = sorted(rejected.items())
+        n_app = n_dup = n_drop = 0
+        triggers: list[dict] = []
+        if len(points):
+            order = np.argsort(points.object_id, kind="stable")
+            uniq, starts, counts = np.unique(points.object_id[order], return_index=True,
+                                             return_counts=True)
+            packed = st.pack_points(points.source_id[order], points.time[order],
+                                    points.mag[order], points.mag_err[order])
+            results = self.store.append(uniq.tolist(), counts.tolist(), packed)
+            jobs, owners = [], []
+            for e, res in enumerate(results):
+                mine = order[starts[e]:starts[e] + counts[e]]
+                if res.statuses != st.APPENDED * len(mine):
+                    for code, i in zip(res.statuses, mine):
+                        code = bytes([code])
+                        if code == st.APPENDED:
+                            n_app += 1
+                        elif code in (st.DUPLICATE, st.DUPLICATE_UNVERIFIED):
+                            n_dup += 1
+                        elif code == st.OUT_OF_ORDER:
+                            dead.append((kept[i], Rejected(
+                                "out_of_order", f"midpointMjdTai {points.time[i]} is earlier than "
+                                "the event's newest point and matches no stored point")))
+                        else:
+                            dead.append((kept[i], Rejected(
+                                "duplicate_time", f"midpointMjdTai {points.time[i]} equals the "
+                                f"event's newest point but diaSourceId {points.source_id[i]} differs")))
+                else:
+                    n_app += len(mine)
+                n_drop += res.dropped_now
+                h = res.header
+                if h.n_scored < h.n_total:
+                    w = res.window
+                    jobs.append(Job(h.n_scored, res.start, w["t"].astype(np.float64),
+                                    w["mag"].astype(np.float32), w["err"].astype(np.float32),
+                                    h.reference))
+                    owners.append((res, mine))
+            pending = [res.object_id for res in results if res.trigger_status == b"P"]
+            triggers += self._score_and_decide(jobs, owners, points, pending)
+        self._deliver(msgs, dead, triggers)
+        self._commit(msgs)
+        # bookkeeping
+        elapsed = time.perf_counter() - t0
+        now_us = int(time.time() * 1e6)
+        produced = points.produced_us
+        reasons = Tally(r.reason for _, r in dead)
+        m, s, iv = self.metrics, self.summary, self._interval
+        m.alerts.inc(len(msgs)); m.points.inc(n_app); m.duplicates.inc(n_dup); m.dropped.inc(n_drop)
+        m.triggers.inc(len(triggers)); m.batch_seconds.observe(elapsed)
+        for reason, k in reasons.items():
+            m.dead_letters.labels(reason).inc(k)
+        s.alerts += len(msgs); s.points += n_app; s.duplicates += n_dup
+        s.dead_letters.update(reasons); s.triggers += len(triggers); s.batches += 1
+        iv.alerts += len(msgs); iv.points += n_app; iv.duplicates += n_dup
+        iv.dead_letters += len(dead); iv.triggers += len(triggers); iv.batches += 1
+        iv.busy_s += elapsed
+        iv.add_latencies(produced, now_us)
+
+    def _score_and_decide(self, jobs, owners, points, pending: list[int]) -> list[dict]:
+        """Model pass, decision, score write-back; the triggers to produce now."""
+        out: list[dict] = []
+        if jobs:
+            probs = self.scorer.score(jobs)
+            heads = [res.header for res, _ in owners]
+            rings = np.frombuffer(b"".join(h.ring_bytes for h in heads), dtype="<f4")
+            decisions = decide_many(
+                rings.reshape(len(heads), self.rule.smooth), np.array([h.n_scored for h in heads]), probs,
+                np.array([h.triggered or res.trigger_status != b"\0" for h, (res, _) in zip(heads, owners)]),
+                self.rule)
+            updates = []
+            for job, (res, mine), p, d in zip(jobs, owners, probs, decisions):
+                h = res.header
+                trig = None
+                if d.fire is not None:
+                    g = h.n_scored + d.fire
+                    t = float(job.time[g - job.start])
+                    src, produced_us = self._alert_of(points, mine, t, g, h)
+                    trig = trigger_record(res.object_id, src, self.rule, d.score, g + 1, t,
+                                          produced_us, self.artifact.version)
+                updates.append(st.ScoreUpdate(res.object_id, h.n_scored, p, d.ring, trig))
+            codes = self.store.save_scores(updates)
+            for u, code in zip(updates, codes):
+                if code == st.TRIG_NEW:
+                    out.append(u.trigger)
+                elif code == st.TRIG_PENDING:
+                    pending.append(u.object_id)
+                elif code in (st.TRIG_CONFLICT, st.TRIG_GONE):
+                    log.warning("event %d: scores not stored (%s): another consumer updated it "
+                                "or it expired", u.object_id,
+                                "conflict" if code == st.TRIG_CONFLICT else "gone")
+            self.metrics.scored.inc(sum(len(p) for p in probs))
+        if pending:
+            got = self.store.pending_triggers(sorted(set(pending)))
+            if got:
+                log.info("re-producing %d trigger(s) whose delivery was not confirmed", len(got))
+            out.extend(got.values())
+        return out
+
+    @staticmethod
+    def _alert_of(points, mine, t: float, g: int, h) -> tuple[int, int]:
+        """diaSourceId and alertProducedUs of the deciding point (an alert of this batch)."""
+        for i in mine:
+            if points.time[i] == t:
+                return int(points.source_id[i]), int(points.produced_us[i])
+        # scored late after a crash and its alert is not in this batch: best knowledge
+        return (h.last_source_id if g == h.n_total - 1 else -1), 0
+
+    def _deliver(self, msgs, dead, triggers) -> None:
+        """Produce dead letters and triggers, flush, and fail on any delivery error."""
+        topics = self.settings.kafka.topics
+        self._delivery_errors.clear()
+        cb = self._on_delivery
+        for i, rej in dead:
+            m = msgs[i]
+            self.producer.produce(topics.dead_letter, key=m.key(), value=m.value(),
+                                  headers=dead_letter_headers(m.headers(), rej.reason, rej.detail,
+                                                              m.topic(), m.partition(), m.offset(),
+                                                              self.group),
+                                  on_delivery=cb)
+        sent_ids = []
+        for rec in triggers:
+            rec = dict(rec, triggerProducedUs=int(time.time() * 1e6))
+            self.producer.produce(topics.triggers, key=str(rec["diaObjectId"]).encode(),
+                                  value=self.codec.encode(rec, "trigger"), on_delivery=cb)
+            sent_ids.append(rec["diaObjectId"])
+        if not dead and not triggers:
+            return
+        left = self.producer.flush(self.settings.consumer.poll_timeout_s + 30.0)
+        if left or self._delivery_errors:
+            raise DeliveryError(f"{left} message(s) not delivered, errors: "
+                                f"{self._delivery_errors[:3]}; batch not committed")
+        self.store.mark_sent(sent_ids)
+
+    def _on_delivery(self, err, msg) -> None:
+        if err is not None:
+            self._delivery_errors.append(f"{msg.topic()}: {err}")
+
+    def _commit(self, msgs) -> None:
+        from confluent_kafka import TopicPartition
+
+        last: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            k = (m.topic(), m.partition())
+            if m.offset() >= last.get(k, -1):
+                last[k] = m.offset()
+        done = self.consumer.commit(
+            offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()], asynchronous=False)
+        failed = [tp for tp in done or [] if tp.error is not None]
+        if failed:
+            raise BrokerError(f"offset commit failed for {failed[0].topic}[{failed[0].partition}]: "
+                              f"{failed[0].error}")
+
+    # --- reporting -----------------------------------------------------------------
+    def lag(self) -> Optional[int]:
+        """Messages behind the high watermarks of the assigned partitions (cheap, cached)."""
+        try:
+            parts = self.consumer.assignment()
+            if not parts:
+                return 0
+            total = 0
+            for tp in self.consumer.position(parts):
+                lo, hi = self.consumer.get_watermark_offsets(tp, cached=True)
+                if hi < 0:
+                    lo, hi = self.consumer.get_watermark_offsets(tp, timeout=1.0)
+                pos = tp.offset if tp.offset >= 0 else lo
+                total += max(hi - pos, 0)
+            return total
+        except Exception:  # reporting must never stop the loop
+            return None
+
+    def _maybe_log(self, force: bool = False) -> None:
+        now = time.monotonic()
+        iv = self._interval
+        if not force and now - iv.started < self.settings.consumer.log_interval_s:
+            return
+        if force and iv.alerts == 0:
+            return
+        lag = self.lag() if not self._closed else None
+        if lag is not None:
+            self.metrics.lag.set(lag)
+        p50, p99 = iv.latency_percentiles()
+        self.metrics.latency_p50.set(p50 / 1e3)
+        self.metrics.latency_p99.set(p99 / 1e3)
+        log.info("%s", iv.line(lag, now))
+        self._interval = Interval(started=now)
+
+
+def load_model(settings, path=None, device: Optional[str] = None):
+    """The artifact the broker runs (``--model`` or ``model.path``)."""
+    from training.artifact import load_artifact
+
+    return load_artifact(path or settings.model.resolved, device or settings.consumer.device)
+
+
+__all__ = ["Broker", "Summary", "consumer_config", "producer_config", "redis_client", "load_model",
+           "BrokerError"]

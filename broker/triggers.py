@@ -1,0 +1,113 @@
+"""The online form of the decision rule, and trigger records: pure functions.
+
+``training.decision`` is the one rule (causal moving average of P(binary) over the
+newest M points, threshold, minimum points). Online the broker keeps, per event, the
+last M probabilities; :func:`decide` extends them with a batch's new probabilities and
+returns the first new point where the rule fires, so that chunk by chunk it fires at
+the same point as ``decision.first_trigger`` on the whole run.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from training import decision
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str            # the trigger's ``rule`` field (consumer.rule)
+    threshold: float
+    min_points: int
+    smooth: int          # M, the moving-average window
+
+
+@dataclass(frozen=True)
+class Decision:
+    fire: Optional[int]        # index into the new probabilities where the rule fires
+    score: Optional[float]     # the smoothed probability there
+    ring: np.ndarray           # (M,) float32: last M probabilities after the new ones
+
+
+def decide(prev: np.ndarray, new: np.ndarray, n_before: int, rule: Rule,
+           triggered: bool = False) -> Decision:
+    """Decide on the new points ``n_before .. n_before+len(new)-1`` of one event.
+
+    ``prev``: the newest ``min(M, n_before)`` probabilities before them, oldest first.
+    """
+    m = rule.smooth
+    prev = np.asarray(prev, dtype=np.float32)[-(m - 1):] if m > 1 else np.empty(0, np.float32)
+    new = np.asarray(new, dtype=np.float32)
+    seq = np.concatenate([prev, new])
+    ring = np.zeros(m, dtype=np.float32)
+    tail = seq[-m:]
+    ring[m - len(tail):] = tail
+    if triggered or len(new) == 0:
+        return Decision(None, None, ring)
+    # ``prev`` holds every probability the newest scores need (the window is M), so the
+    # local score equals the global one at the new points.
+    scores = decision.score(seq, m)[len(prev):]
+    eligible = n_before + np.arange(1, len(new) + 1) >= max(rule.min_points, 1)
+    hit = np.flatnonzero(eligible & (scores >= rule.threshold))
+    if len(hit) == 0:
+        return Decision(None, None, ring)
+    j = int(hit[0])
+    return Decision(j, float(scores[j]), ring)
+
+
+def decide_many(rings: np.ndarray, n_before: np.ndarray, new: list, triggered: np.ndarray,
+                rule: Rule) -> list[Decision]:
+    """:func:`decide` for many events at once (one call of the rule per group).
+
+    ``rings`` (E, M) float32: each event's last M probabilities (oldest first; only the
+    newest ``min(M, n_before)`` are meaningful). Events with at least M - 1 earlier points
+    (the steady state) are grouped by their number u of new points; in a group, each
+    event's M - 1 previous probabilities and u new ones are laid end to end and
+    ``decision.score`` runs once over the lot (every score needs only the M newest values,
+    all inside the event's own segment). Young events go through :func:`decide`.
+    """
+    m = rule.smooth
+    e = len(new)
+    out: list[Optional[Decision]] = [None] * e
+    n_before = np.asarray(n_before, dtype=np.int64)
+    triggered = np.asarray(triggered, dtype=bool)
+    rings = np.asarray(rings, dtype=np.float32)
+    lens = np.fromiter((len(p) for p in new), dtype=np.int64, count=e)
+    steady = (lens >= 1) & (n_before >= m - 1)
+    for u in np.unique(lens[steady]):
+        rows = np.flatnonzero(steady & (lens == u))
+        seg = np.empty((len(rows), m - 1 + u), dtype=np.float32)
+        seg[:, :m - 1] = rings[rows, 1:]
+        seg[:, m - 1:] = np.stack([new[i] for i in rows])
+        scores = decision.score(seg.ravel(), m).reshape(seg.shape)[:, m - 1:]
+        count = n_before[rows, None] + np.arange(1, u + 1)[None, :]
+        hit = (scores >= rule.threshold) & (count >= max(rule.min_points, 1)) & ~triggered[rows, None]
+        first = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
+        for r, i in enumerate(rows):
+            ring = seg[r, -m:].copy()
+            j = int(first[r])
+            out[i] = Decision(j, float(scores[r, j]), ring) if j >= 0 else Decision(None, None, ring)
+    for i in range(e):
+        if out[i] is None:
+            k = int(min(m, n_before[i]))
+            prev = rings[i][m - k:] if k else np.empty(0, np.float32)
+            out[i] = decide(prev, new[i], int(n_before[i]), rule, bool(triggered[i]))
+    return out  # type: ignore[return-value]
+
+
+def trigger_id(object_id: int, rule: str, model_version: str) -> str:
+    """Deterministic: one id per (event, rule, model version)."""
+    return hashlib.sha256(f"{int(object_id)}|{rule}|{model_version}".encode()).hexdigest()[:32]
+
+
+def trigger_record(object_id: int, source_id: int, rule: Rule, score: float, n_points: int,
+                   mjd: float, alert_produced_us: int, model_version: str) -> dict:
+    """The trigger (schema ``trigger``) without ``triggerProducedUs`` (set at produce)."""
+    return {"triggerId": trigger_id(object_id, rule.name, model_version),
+            "diaObjectId": int(object_id), "diaSourceId": int(source_id), "rule": rule.name,
+            "probability": float(score), "threshold": float(rule.threshold),
+            "nPoints": int(n_points), "midpointMjdTai": float(mjd),
+            "alertProducedUs": int(alert_produced_us), "modelVersion": model_version}

@@ -1,0 +1,174 @@
+"""Decoding and validation of incoming alerts: pure functions, no I/O.
+
+Every message either becomes a :class:`Point` or a :class:`Rejected` with a short
+machine-readable ``reason`` (the dead-letter header and the metrics label) and a
+human ``detail``. Reasons:
+
+=====================  ==========================================================
+``truncated_frame``    shorter than the frame header, or the Avro body ends early
+``bad_magic_byte``     first byte is not the Confluent magic byte 0
+``unknown_schema_id``  schema id not in ``schemas/registry.json``
+``wrong_kind``         a valid message of another kind (a trigger on the alerts topic)
+``bad_body``           the Avro body does not decode under its schema (a missing
+                       required field ends here too), or trailing bytes
+``bad_key``            Kafka key missing or not the decimal diaObjectId
+``bad_id``             diaObjectId or diaSourceId negative
+``nonfinite_value``    NaN or infinity in a time, flux, error or coordinate
+``nonpositive_error``  scienceFluxErr or psfFluxErr zero or negative
+``nonpositive_flux``   scienceFlux zero or negative (no magnitude exists)
+``absurd_value``       time, position, band, magnitude or magnitude error out of range
+``out_of_order``       (from the state) earlier than the event's newest point, not a duplicate
+``duplicate_time``     (from the state) same time as the newest point, other diaSourceId
+=====================  ==========================================================
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from schemas import BadBody, BadMagicByte, CodecError, TruncatedFrame, UnknownSchemaId, WrongKind
+from training.photometry import njy_to_mag
+
+# Ranges outside which a value is absurd (not merely unusual) for this broker.
+MJD_RANGE = (0.0, 200_000.0)       # MJD; catches JD, Unix seconds, negative times
+MAG_RANGE = (0.0, 40.0)            # AB magnitude from scienceFlux
+MAX_MAG_ERR = 10.0                 # magnitudes
+BANDS = frozenset("ugrizy")
+
+_CODEC_REASONS = ((TruncatedFrame, "truncated_frame"), (BadMagicByte, "bad_magic_byte"),
+                  (UnknownSchemaId, "unknown_schema_id"), (WrongKind, "wrong_kind"),
+                  (BadBody, "bad_body"))
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Points:
+    """The valid alerts of a batch reduced to what the broker keeps, column by column."""
+    object_id: np.ndarray    # int64 diaObjectId
+    source_id: np.ndarray    # int64 diaSourceId
+    time: np.ndarray         # float64 midpointMjdTai
+    mag: np.ndarray          # float32, from scienceFlux
+    mag_err: np.ndarray      # float32, from scienceFluxErr
+    produced_us: np.ndarray  # int64 alertProducedUs
+
+    def __len__(self) -> int:
+        return len(self.object_id)
+
+    @classmethod
+    def empty(cls) -> "Points":
+        z = np.empty(0, dtype=np.int64)
+        return cls(z, z, z.astype(np.float64), z.astype(np.float32), z.astype(np.float32), z)
+
+
+def codec_reason(exc: CodecError) -> str:
+    for cls, reason in _CODEC_REASONS:
+        if isinstance(exc, cls):
+            return reason
+    return "bad_body"
+
+
+def decode(codec, value: Optional[bytes]) -> dict | Rejected:
+    """The alert record, or why it cannot be decoded."""
+    try:
+        return codec.decode_kind(value, "alert")
+    except CodecError as exc:
+        return Rejected(codec_reason(exc), str(exc))
+
+
+def check_record(record: dict, key: Optional[bytes]) -> Optional[Rejected]:
+    """Checks that need no magnitude: key, ids, finiteness, signs and ranges."""
+    oid, sid = record["diaObjectId"], record["diaSourceId"]
+    if oid < 0 or sid < 0:
+        return Rejected("bad_id", f"diaObjectId {oid}, diaSourceId {sid}: ids must be >= 0")
+    if key is None or key != str(oid).encode():
+        return Rejected("bad_key", f"Kafka key {key!r} is not the diaObjectId {oid}")
+    for name in ("midpointMjdTai", "scienceFlux", "scienceFluxErr", "psfFlux", "psfFluxErr",
+                 "ra", "dec"):
+        if not math.isfinite(record[name]):
+            return Rejected("nonfinite_value", f"{name} is {record[name]}")
+    for name in ("scienceFluxErr", "psfFluxErr"):
+        if record[name] <= 0:
+            return Rejected("nonpositive_error", f"{name} = {record[name]} must be > 0")
+    if record["scienceFlux"] <= 0:
+        return Rejected("nonpositive_flux", f"scienceFlux = {record['scienceFlux']} nJy has no magnitude")
+    t = record["midpointMjdTai"]
+    if not MJD_RANGE[0] <= t <= MJD_RANGE[1]:
+        return Rejected("absurd_value", f"midpointMjdTai = {t} outside {MJD_RANGE}")
+    if not (0.0 <= record["ra"] <= 360.0 and -90.0 <= record["dec"] <= 90.0):
+        return Rejected("absurd_value", f"ra, dec = {record['ra']}, {record['dec']} out of range")
+    if record["band"] not in BANDS:
+        return Rejected("absurd_value", f"band {record['band']!r} is not one of ugrizy")
+    return None
+
+
+def magnitudes(flux: np.ndarray, flux_err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mag, mag_err) float32 from scienceFlux/scienceFluxErr in nJy (the replay's inverse)."""
+    mag, err = njy_to_mag(flux, flux_err)
+    return mag.astype(np.float32), err.astype(np.float32)
+
+
+def check_magnitudes(mag: np.ndarray, err: np.ndarray) -> list[Optional[Rejected]]:
+    """Range checks on the float32 magnitudes the model will see."""
+    bad_mag = ~((mag >= MAG_RANGE[0]) & (mag <= MAG_RANGE[1]))
+    bad_err = ~((err > 0) & (err <= MAX_MAG_ERR))
+    out: list[Optional[Rejected]] = [None] * len(mag)
+    for i in np.flatnonzero(bad_mag | bad_err):
+        if bad_mag[i]:
+            out[i] = Rejected("absurd_value", f"magnitude {mag[i]} outside {MAG_RANGE}")
+        else:
+            out[i] = Rejected("absurd_value", f"magnitude error {err[i]} outside (0, {MAX_MAG_ERR}]")
+    return out
+
+
+def validate_batch(codec, values: list, keys: list) -> tuple[Points, list[int], dict[int, Rejected]]:
+    """Decode and check a batch: (valid points, their message indices, {message index: Rejected})."""
+    rejected: dict[int, Rejected] = {}
+    recs, idx = [], []
+    for i, (v, k) in enumerate(zip(values, keys)):
+        rec = decode(codec, v)
+        if isinstance(rec, Rejected):
+            rejected[i] = rec
+            continue
+        bad = check_record(rec, k)
+        if bad is not None:
+            rejected[i] = bad
+            continue
+        recs.append(rec)
+        idx.append(i)
+    if not recs:
+        return Points.empty(), [], rejected
+    n = len(recs)
+
+    def col(name, dtype):
+        return np.fromiter((r[name] for r in recs), dtype=dtype, count=n)
+
+    with np.errstate(all="ignore"):
+        mag, err = magnitudes(col("scienceFlux", np.float64), col("scienceFluxErr", np.float64))
+    checks = check_magnitudes(mag, err)
+    ok = np.ones(n, dtype=bool)
+    for j, c in enumerate(checks):
+        if c is not None:
+            rejected[idx[j]] = c
+            ok[j] = False
+    pts = Points(col("diaObjectId", np.int64)[ok], col("diaSourceId", np.int64)[ok],
+                 col("midpointMjdTai", np.float64)[ok], mag[ok], err[ok],
+                 col("alertProducedUs", np.int64)[ok])
+    return pts, [i for i, good in zip(idx, ok) if good], rejected
+
+
+def dead_letter_headers(original, reason: str, detail: str, topic: str, partition: int,
+                        offset: int, group: str) -> list[tuple[str, bytes]]:
+    """The original headers plus where the message came from and why it was rejected."""
+    headers = list(original or [])
+    headers += [("dlq.reason", reason.encode()), ("dlq.detail", detail[:1000].encode()),
+                ("dlq.source.topic", topic.encode()), ("dlq.source.partition", str(partition).encode()),
+                ("dlq.source.offset", str(offset).encode()), ("dlq.consumer.group", group.encode())]
+    return headers

@@ -1,0 +1,89 @@
+"""The online decision equals training.decision on the whole run; trigger records."""
+import numpy as np
+import pytest
+
+from broker.triggers import Rule, decide, decide_many, trigger_id, trigger_record
+from schemas import default_codec
+from training import decision
+
+
+def _online(probs, rule, chunks):
+    """Feed probabilities chunk by chunk as the broker does; index where it fired."""
+    ring = np.empty(0, dtype=np.float32)
+    n = 0
+    fired = None
+    for size in chunks:
+        new = probs[n:n + size]
+        d = decide(ring, new, n, rule, triggered=fired is not None)
+        if d.fire is not None:
+            assert fired is None
+            fired = n + d.fire
+            assert d.score == pytest.approx(decision.score(probs, rule.smooth)[fired], abs=1e-12)
+        ring = d.ring[rule.smooth - min(rule.smooth, n + size):]
+        n += size
+    return fired
+
+
+@pytest.mark.parametrize("smooth,min_points", [(5, 10), (1, 1), (3, 20), (8, 2)])
+def test_chunked_decision_equals_first_trigger(smooth, min_points):
+    rng = np.random.default_rng(smooth * 100 + min_points)
+    for trial in range(200):
+        n = int(rng.integers(1, 120))
+        probs = np.clip(rng.normal(0.4, 0.25, n), 0, 1).astype(np.float32)
+        thr = float(rng.uniform(0.3, 0.9))
+        rule = Rule("tdcnn", thr, min_points, smooth)
+        chunks = []
+        left = n
+        while left:
+            c = int(min(left, rng.integers(1, 7)))
+            chunks.append(c)
+            left -= c
+        assert _online(probs, rule, chunks) == decision.first_trigger(probs, thr, min_points, smooth)
+
+
+def test_already_triggered_never_fires_again():
+    rule = Rule("tdcnn", 0.5, 1, 2)
+    d = decide(np.array([0.9, 0.9], np.float32), np.array([0.99], np.float32), 10, rule, triggered=True)
+    assert d.fire is None and list(d.ring) == pytest.approx([0.9, 0.99])
+
+
+def test_min_points_counts_the_whole_event():
+    rule = Rule("tdcnn", 0.5, 10, 5)
+    p = np.full(3, 0.9, np.float32)
+    assert decide(np.full(5, 0.9, np.float32), p, 5, rule).fire is None   # points 6..8
+    assert decide(np.full(5, 0.9, np.float32), p, 8, rule).fire == 1      # point 10
+
+
+def test_trigger_id_is_deterministic_per_event_rule_and_model():
+    a = trigger_id(42, "tdcnn", "m-1")
+    assert a == trigger_id(42, "tdcnn", "m-1")
+    assert len({a, trigger_id(43, "tdcnn", "m-1"), trigger_id(42, "other", "m-1"),
+                trigger_id(42, "tdcnn", "m-2")}) == 4
+
+
+def test_trigger_record_matches_the_schema():
+    rule = Rule("tdcnn", 0.7, 10, 5)
+    rec = trigger_record(42, 4200012, rule, 0.81, 13, 61012.5, 1_700_000_000_000_000, "m-1")
+    rec["triggerProducedUs"] = 1_700_000_000_100_000
+    codec = default_codec()
+    assert codec.decode_kind(codec.encode(rec, "trigger"), "trigger") == rec
+
+
+@pytest.mark.parametrize("smooth", [1, 2, 5])
+def test_decide_many_equals_decide_one_by_one(smooth):
+    rng = np.random.default_rng(smooth)
+    rule = Rule("tdcnn", 0.55, 10, smooth)
+    e = 500
+    n_before = rng.integers(0, 30, e)
+    rings = rng.uniform(0, 1, (e, smooth)).astype(np.float32)
+    new = [rng.uniform(0, 1, int(rng.choice([1, 1, 1, 2, 3]))).astype(np.float32) for _ in range(e)]
+    trig = rng.uniform(size=e) < 0.2
+    many = decide_many(rings, n_before, new, trig, rule)
+    for i in range(e):
+        k = int(min(smooth, n_before[i]))
+        one = decide(rings[i][smooth - k:], new[i], int(n_before[i]), rule, bool(trig[i]))
+        assert many[i].fire == one.fire
+        assert np.array_equal(many[i].ring[smooth - min(smooth, n_before[i] + len(new[i])):],
+                              one.ring[smooth - min(smooth, n_before[i] + len(new[i])):])
+        if one.score is not None:
+            assert many[i].score == pytest.approx(one.score, abs=1e-12)

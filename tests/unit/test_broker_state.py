@@ -1,0 +1,71 @@
+"""Pure parts of the Redis layout: header, records, replies, score updates (no services)."""
+import json
+import math
+import struct
+
+import numpy as np
+import pytest
+
+from broker import state as st
+from broker.errors import BrokerError
+
+
+def _header(m=5, flags=st.FLAG_REFERENCE, ntot=12, nsc=10, ndrop=0, last=1234567890123, ref=19.5, ring=None):
+    ring = np.arange(m, dtype="<f4") / 10 if ring is None else ring
+    return st.HEADER_FIXED.pack(1, m, flags, 0, ntot, nsc, ndrop, last, ref, 61002.5) + \
+        ring.astype("<f4").tobytes()
+
+
+def test_sizes():
+    assert st.HEADER_FIXED.size == 40 and st.RECORD.itemsize == 17 and st.INPUT.itemsize == 24
+    assert st.header_size(5) + 100 * st.RECORD.itemsize == 1760  # < 1,792 B allocation class
+
+
+def test_parse_header():
+    h = st.parse_header(_header())
+    assert (h.m, h.n_total, h.n_scored, h.last_source_id, h.reference) == (5, 12, 10, 1234567890123, 19.5)
+    assert list(h.ring_valid()) == pytest.approx([0, 0.1, 0.2, 0.3, 0.4])
+    h = st.parse_header(_header(flags=0, ref=float("nan"), nsc=2))
+    assert h.reference is None and not h.triggered and list(h.ring_valid()) == pytest.approx([0.3, 0.4])
+    with pytest.raises(BrokerError):
+        st.parse_header(b"\x02" + _header()[1:])
+
+
+def test_parse_append_reply():
+    recs = np.zeros(3, dtype=st.RECORD)
+    recs["t"] = [61000.5, 61001.5, 61002.5]
+    recs["mag"] = [20, 19.5, 19]
+    recs["p"] = [200, 255, 255]
+    raw = st.PREFIX.pack(9, 2, ord("P")) + _header() + b"0124" + recs.tobytes()
+    r = st.parse_append_reply(77, raw, 5, 4)
+    assert (r.object_id, r.start, r.dropped_now, r.trigger_status, r.statuses) == (77, 9, 2, b"P", b"0124")
+    assert np.array_equal(r.window, recs)
+
+
+def test_pack_points_layout():
+    b = st.pack_points([5], [61000.25], [np.float32(20.5)], [np.float32(0.05)])
+    assert len(b) == 24
+    i, t, m, e = struct.unpack("<qdff", b)
+    assert (i, t, m) == (5, 61000.25, 20.5) and e == pytest.approx(0.05)
+
+
+def test_quantized_probabilities():
+    q = np.frombuffer(st.quantize_probs(np.array([0.0, 0.5, 1.0, 1.2])), np.uint8)
+    assert list(q) == [0, 127, 254, 254]
+    back = st.dequantize_probs(np.array([0, 127, 254, 255], np.uint8))
+    assert back[:3] == pytest.approx([0, 0.5, 1.0], abs=1 / 254) and math.isnan(back[3])
+
+
+def test_score_update_pack():
+    trig = {"triggerId": "x", "diaObjectId": 1}
+    u = st.ScoreUpdate(1, 10, np.array([0.5, 0.75], np.float32), np.arange(5, dtype=np.float32), trig)
+    b = u.pack()
+    old, n, fire = st.PREFIX.unpack_from(b)
+    assert (old, n, fire) == (10, 2, 1)
+    assert np.array_equal(np.frombuffer(b, "<f4", 5, 9), np.arange(5))
+    assert b[29:31] == bytes([127, 190]) and json.loads(b[31:]) == trig
+
+
+def test_store_refuses_too_few_points():
+    with pytest.raises(BrokerError, match="max_points"):
+        st.EventStore(None, "p", 10, 50, reference_points=10, receptive_field=97, smooth_window=5)

@@ -1,0 +1,77 @@
+"""Scoring triggers against ground truth (pure)."""
+import json
+
+import pytest
+
+from broker import report
+
+
+def truth():
+    rows = []
+    for i in range(10):   # 0-4 PSPL, 5-9 binary
+        rows.append({"diaObjectId": i, "label": int(i >= 5), "t0_mjd": 61100.0, "tE": 20.0,
+                     "dchi2": None if i < 5 else [10.0, 100.0, 500.0, 5000.0, 20000.0][i - 5]})
+    return rows
+
+
+def trig(oid, mjd, rule="tdcnn", n=50, lat_us=2000, tid=None):
+    return {"triggerId": tid or f"{oid}-{rule}", "diaObjectId": oid, "diaSourceId": oid * 1000 + n,
+            "rule": rule, "probability": 0.95, "threshold": 0.9, "nPoints": n, "midpointMjdTai": mjd,
+            "alertProducedUs": 1_000_000, "triggerProducedUs": 1_000_000 + lat_us, "modelVersion": "m"}
+
+
+def test_counts_precision_recall_and_decision_time():
+    trs = [trig(0, 61050.0), trig(7, 61090.0, n=40, lat_us=1000), trig(8, 61110.0, n=60, lat_us=3000),
+           trig(9, 61100.0, n=50, lat_us=5000),
+           trig(9, 61100.0, n=50, lat_us=5000),          # the same trigger id re-delivered
+           trig(99, 61000.0)]                           # an event not in this run
+    r = report.score(truth(), trs)["rules"]["tdcnn"]
+    assert r["triggers"] == 5 and r["events_triggered"] == 4 and r["unmatched_triggers"] == 1
+    assert r["true_positives"] == 3 and r["false_positives"] == 1
+    assert r["precision"] == pytest.approx(0.75) and r["recall"] == pytest.approx(0.6)
+    assert r["pspl_trigger_share"] == pytest.approx(0.2)
+    assert r["events_with_multiple_triggers"] == 0
+    dt = r["decision_time"]
+    assert dt["days_from_t0"]["p50"] == pytest.approx(0.0)
+    assert dt["tE_from_t0"]["p10"] < 0 < dt["tE_from_t0"]["p90"]
+    assert dt["points_seen"]["p50"] == pytest.approx(50)
+    assert dt["share_before_t0"] == pytest.approx(1 / 3)
+    bins = r["recall_by_dchi2"]
+    assert [b["binaries"] for b in bins] == [1, 1, 1, 2]
+    assert [b["triggered"] for b in bins] == [0, 0, 1, 2]
+    lat = r["latency_ms"]
+    assert lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+    assert lat["max"] == pytest.approx(5.0)
+
+
+def test_two_triggers_for_one_event_are_flagged_and_the_earliest_counts():
+    trs = [trig(6, 61120.0, tid="a"), trig(6, 61080.0, tid="b")]
+    r = report.score(truth(), trs)["rules"]["tdcnn"]
+    assert r["events_with_multiple_triggers"] == 1 and r["events_triggered"] == 1
+    assert r["decision_time"]["days_from_t0"]["p50"] == pytest.approx(-20.0)
+
+
+def test_rules_are_scored_side_by_side():
+    res = report.score(truth(), [trig(5, 61100.0, rule="a"), trig(6, 61100.0, rule="b"),
+                                 trig(1, 61100.0, rule="b")])
+    assert set(res["rules"]) == {"a", "b"}
+    assert res["rules"]["b"]["false_positives"] == 1 and res["rules"]["a"]["false_positives"] == 0
+
+
+def test_render_and_plots(tmp_path):
+    res = report.score(truth(), [trig(7, 61090.0), trig(8, 61110.0), trig(2, 61000.0)])
+    text = report.render(res)
+    assert "purity" in text and "completeness" in text and "latency" in text
+    paths = report.plot(res, tmp_path)
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    json.dumps(report.public(res))  # serialisable
+
+
+def test_truth_errors(tmp_path):
+    with pytest.raises(report.ReportError, match="not found"):
+        report.read_truth(tmp_path / "x.jsonl")
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"diaObjectId": 1}\nnot json\n')
+    with pytest.raises(report.ReportError, match="t.jsonl:2"):
+        report.read_truth(p)
