@@ -58,7 +58,7 @@ log "evaluate on the fresh test set: $PY ${EVAL[*]}"
 log "copy $RUN -> $DEST"
 rm -rf "$DEST"
 mkdir -p "$DEST"
-cp "$RUN"/{weights.pt,model_card.json,scalers.json,config.json,split.json,summary.json,training.log} "$DEST"/
+cp "$RUN"/{weights.pt,model_card.json,scalers.json,config.json,summary.json,training.log} "$DEST"/
 cp -r "$RUN/evaluation" "$DEST/evaluation"
 
 cat > "$WORK/commands.txt" <<EOF2
@@ -105,7 +105,7 @@ lines = [
     f"(stopped by {tr['stopped_by']}), device {tr['device']}, {tr['wall_s']} s.",
     "",
     "Files: `weights.pt` (state_dict), `model_card.json`, `scalers.json` (the artifact); `config.json`, "
-    "`split.json`, `summary.json`, `training.log` (the training run); `evaluation/` (summary JSON and plots).",
+    "`summary.json`, `training.log` (the training run); `evaluation/` (summary JSON and plots).",
     "",
     "## How it was made",
     "",

@@ -41,8 +41,10 @@ boundaries and each runs in a fresh process, because VBMicrolensing keeps static
 (the root finder starts from the previous roots) that changes its float64 results in the
 last bits with the call history.
 
-Event ids: ``(seed mod 2**30) * 2**32 + kind * 2**31 + index`` (int64, unique in a
-file, and across files whose seeds differ modulo 2**30); ``decode_event_id`` inverts it.
+Event ids: ``(seed mod 2**16) * 2**28 + kind * 2**27 + index`` (below 2**44, unique in
+a file, and across files whose seeds differ modulo 2**16); ``decode_event_id`` inverts
+it. They stay below 2**44 so that the stream's ``diaSourceId = diaObjectId * 100000 +
+point index`` fits in 63 bits.
 
 Order in the file: the PSPL events 0..n_pspl-1 followed by the binaries 0..n_binary-1,
 permuted by ``np.random.default_rng([seed, 2]).permutation(n_pspl + n_binary)``: the
@@ -172,14 +174,14 @@ def event_rng(seed: int, kind: int, index: int) -> np.random.Generator:
 
 
 def event_id(seed: int, kind: int, index: np.ndarray | int) -> np.ndarray:
-    return (np.int64(seed % (1 << 30)) << np.int64(32)) + (np.int64(kind) << np.int64(31)) \
+    return (np.int64(seed % (1 << 16)) << np.int64(28)) + (np.int64(kind) << np.int64(27)) \
         + np.asarray(index, dtype=np.int64)
 
 
 def decode_event_id(eid: int) -> tuple[int, int, int]:
-    """(seed mod 2**30, kind, index) of an event id."""
+    """(seed mod 2**16, kind, index) of an event id."""
     eid = int(eid)
-    return eid >> 32, (eid >> 31) & 1, eid & ((1 << 31) - 1)
+    return eid >> 28, (eid >> 27) & 1, eid & ((1 << 27) - 1)
 
 
 def draw_parameters(rng: np.random.Generator, kind: int, config: SimulationConfig) -> dict:
@@ -321,8 +323,8 @@ def simulate(n_pspl: int, n_binary: int, config: SimulationConfig | None = None,
     for name, n in (("number of PSPL events", n_pspl), ("number of binary events", n_binary)):
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
             raise SimulationError(f"{name} must be a non-negative integer, got {n!r}")
-        if n >= 1 << 31:
-            raise SimulationError(f"{name} must be below 2**31, got {n}")
+        if n >= 1 << 27:
+            raise SimulationError(f"{name} must be below 2**27, got {n}")
     if n_pspl + n_binary == 0:
         raise SimulationError("nothing to simulate: both event counts are 0")
     if workers is None:
@@ -396,7 +398,7 @@ def simulate(n_pspl: int, n_binary: int, config: SimulationConfig | None = None,
         "detectability": "dchi2 = chi2 of the best PSPL fit (t0, u0, tE; source flux >= 0 and "
                          "blend flux solved in closed form) to the noise-free flux under the "
                          "mag errors converted to flux",
-        "event_id": "(seed mod 2**30) * 2**32 + kind * 2**31 + index, kind 0 PSPL / 1 binary",
+        "event_id": "(seed mod 2**16) * 2**28 + kind * 2**27 + index, kind 0 PSPL / 1 binary",
         "order": "PSPL then binaries, permuted by default_rng([seed, 2]).permutation(n)",
         "command": command,
         "versions": _versions(),

@@ -267,7 +267,9 @@ def test_help_explains_every_option(capsys):
 
 def test_event_ids_are_stable():
     assert sim.event_id(0, sim.PSPL, 0) == 0
-    assert sim.event_id(0, sim.BINARY, 0) == 1 << 31
+    assert sim.event_id(0, sim.BINARY, 0) == 1 << 27
     assert sim.decode_event_id(sim.event_id(123, 1, 4567)) == (123, 1, 4567)
-    assert sim.event_id(2**30 + 5, 0, 1) == sim.event_id(5, 0, 1)
+    assert sim.event_id(2**16 + 5, 0, 1) == sim.event_id(5, 0, 1)
+    # ids stay below 2**44 so diaSourceId = id * 100000 + index fits in 63 bits
+    assert sim.event_id(2**16 - 1, 1, 2**27 - 1) < 2**44 < (2**63 - 1) // 100000
     assert math.isclose(float(sim.EPOCHS[1] - sim.EPOCHS[0]), 1000 / 1499)
