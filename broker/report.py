@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -71,9 +72,12 @@ def read_triggers(settings, topic: Optional[str] = None, timeout: float = 30.0) 
         todo = {p for p in parts if ends[p] > 0}
         c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
         out: list[dict] = []
+        deadline = time.monotonic() + timeout
         while todo:
-            msgs = c.consume(num_messages=10000, timeout=timeout)
-            if not msgs:
+            # consume() waits until it has num_messages or the timeout passes: keep each
+            # call short and check the end of every partition between calls.
+            msgs = c.consume(num_messages=10000, timeout=0.5)
+            if not msgs and time.monotonic() > deadline:
                 raise ReportError(f"timed out reading {topic}: partitions {sorted(todo)} not at their end")
             for m in msgs:
                 if m.error():

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "subscribe": ("broker.cli_subscribe", "print triggers as they arrive (the follow-up observer's view)"),
     "events": ("broker.cli_events", "inspect an event's stored points, probabilities and trigger state"),
     "report": ("broker.report", "score the trigger topic against a replay's ground truth: purity, decision time, latency"),
+    "demo": ("ulens.demo", "the whole pipeline in minutes: services, simulate, replay + consume, report"),
 }
 
 
