@@ -1,0 +1,61 @@
+"""A tiny demo end to end (real Kafka, Redis, model), its report checked against the truth,
+and the README's subscriber example run against the demo's trigger topic."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def demo_run(services, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    proc = subprocess.run([sys.executable, "-m", "ulens.cli", "demo", "--events", "60", "--speed", "max",
+                           "--idle", "3", "--workers", "2", "--output", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (folder,) = out.glob("demo_*")
+    return folder, proc.stdout
+
+
+def test_report_agrees_with_the_truth(demo_run):
+    folder, stdout = demo_run
+    report = json.loads((folder / "report.json").read_text())
+    truth = [json.loads(line) for line in (folder / "truth.jsonl").read_text().splitlines() if line]
+    ev = report["events"]
+    assert ev["total"] == len(truth) == 60
+    assert ev["pspl"] + ev["binary"] + ev["unlabelled"] == ev["total"]
+    assert ev["pspl"] == sum(t["label"] == 0 for t in truth) == 30
+    r = report["rules"]["tdcnn"]
+    assert r["unmatched_triggers"] == 0                      # every trigger joins an event
+    assert r["events_with_multiple_triggers"] == 0           # at most one trigger per event
+    assert r["triggers"] == r["events_triggered"] == r["true_positives"] + r["false_positives"]
+    assert r["events_triggered"] > 0
+    assert sum(b["triggered"] for b in r["recall_by_dchi2"]) == r["true_positives"]
+    lat = r["latency_ms"]
+    assert 0 <= lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+    for name in ("decision_time.png", "latency_cdf.png", "recall_vs_dchi2.png"):
+        assert (folder / "plots" / name).read_bytes()[:8] == PNG
+    assert "purity" in stdout and "completeness" in stdout
+
+
+def test_readme_subscriber_example_runs(demo_run, services):
+    folder, _ = demo_run
+    example = (REPO / "examples" / "subscribe_triggers.py").read_text()
+    assert example in (REPO / "README.md").read_text(), "README's Python example differs from the file"
+    conf = yaml.safe_load((folder / "config.yaml").read_text())
+    n = json.loads((folder / "report.json").read_text())["rules"]["tdcnn"]["triggers"]
+    env = {**os.environ, "ULENS_KAFKA_BOOTSTRAP": services.kafka.bootstrap_servers,
+           "TRIGGER_TOPIC": conf["kafka"]["topics"]["triggers"], "GROUP": f"readme-{folder.name}",
+           "STOP_AFTER": str(n), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "subscribe_triggers.py")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("binary candidate")]
+    assert len(lines) == n
