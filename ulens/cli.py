@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "events": ("broker.cli_events", "inspect an event's stored points, probabilities and trigger state"),
     "report": ("broker.report", "score the trigger topic against a replay's ground truth: purity, decision time, latency"),
     "demo": ("ulens.demo", "the whole pipeline in minutes: services, simulate, replay + consume, report"),
+    "bench": ("ulens.bench", "throughput and latency benchmarks, each against a baseline measured in the same run"),
 }
 
 
