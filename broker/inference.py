@@ -18,11 +18,9 @@ many different lengths) are instead right-padded to one length and run through o
 full ``artifact.predict`` (right padding is invisible to a causal net): one call
 instead of one per length, and the extra positions cost the GPU nothing.
 
-Tail-window features for a whole group are built in one vectorised step
-(:func:`tail_inputs`), the same arithmetic as ``training.features.build_features``
-followed by the artifact's scalers; :class:`Scorer` checks bit-equality with
-``artifact.inputs`` on startup and falls back to calling ``artifact.inputs`` per
-window if the check fails.
+Each group's model input is built in one call, ``artifact.inputs_batch`` (the batch form
+of ``training.features.build_features``: one formula, so the rows equal
+``artifact.inputs`` of each window bit for bit).
 """
 from __future__ import annotations
 
@@ -33,7 +31,7 @@ from typing import Optional
 
 import numpy as np
 
-from training.features import CHANNELS, FeatureError
+from training.features import build_features_batch
 
 log = logging.getLogger("broker.inference")
 
@@ -71,19 +69,11 @@ def tail_inputs(scalers, time: np.ndarray, mag: np.ndarray, mag_err: np.ndarray,
     ``time`` (B, L+1) float64 (column 0 = prev_time), ``mag``/``mag_err`` (B, L) float32,
     ``reference`` (B,) float64 -> (B, L, C) float32; row for row equal to
     ``artifact.inputs(time[b, 1:], mag[b], mag_err[b], reference=reference[b],
-    prev_time=time[b, 0])``.
+    prev_time=time[b, 0])`` (it is ``build_features_batch`` plus the scalers).
     """
-    m = np.asarray(mag, dtype=np.float64)
-    e = np.asarray(mag_err, dtype=np.float64)
     t = np.asarray(time, dtype=np.float64)
-    out = np.empty(m.shape + (len(CHANNELS),), dtype=np.float64)
-    out[..., 0] = np.asarray(reference, dtype=np.float64)[:, None] - m
-    out[..., 1] = e
-    dt = t[:, 1:] - t[:, :-1]
-    if np.any(dt < 0):
-        raise FeatureError("times must be increasing (and after prev_time)")
-    out[..., 2] = np.log1p(dt)
-    return scalers.transform(out.astype(np.float32))
+    return scalers.transform(build_features_batch(t[:, 1:], mag, mag_err, reference=reference,
+                                                  prev_time=t[:, 0]))
 
 
 def _window_inputs_one(artifact, job: Job) -> np.ndarray:
@@ -93,34 +83,27 @@ def _window_inputs_one(artifact, job: Job) -> np.ndarray:
                            reference=job.reference, prev_time=float(job.time[0]))
 
 
+def _group_inputs(artifact, jobs: list[Job], tail: bool) -> np.ndarray:
+    """Model input (m, rows, C) of jobs whose windows have one length, in one call."""
+    t = np.stack([j.time for j in jobs])
+    mag = np.stack([j.mag for j in jobs])
+    err = np.stack([j.mag_err for j in jobs])
+    if not tail:
+        return artifact.inputs_batch(t, mag, err)
+    return artifact.inputs_batch(t[:, 1:], mag[:, 1:], err[:, 1:],
+                                 reference=np.array([j.reference for j in jobs], dtype=np.float64),
+                                 prev_time=t[:, 0])
+
+
 class Scorer:
     """Turns jobs into probabilities with as few model calls as the batch allows."""
 
     def __init__(self, artifact, vectorised: bool = True, pad_young: Optional[bool] = None):
-        if tuple(CHANNELS) != ("dmag", "mag_err", "log_dt"):
-            vectorised = False  # tail_inputs knows these channels only
         self.artifact = artifact
-        self.vectorised = vectorised and self._self_check()
+        # one inputs_batch call per group (else artifact.inputs per window: same numbers)
+        self.vectorised = bool(vectorised) and hasattr(artifact, "inputs_batch")
         self.pad_young = (getattr(artifact.device, "type", "cpu") == "cuda") if pad_young is None \
             else pad_young
-
-    def _self_check(self) -> bool:
-        """``tail_inputs`` must equal ``artifact.inputs`` bit for bit on this machine."""
-        rng = np.random.default_rng(12345)
-        b, n = 16, 40
-        t = 61000.0 + np.cumsum(rng.uniform(0.0, 3.0, (b, n + 1)), axis=1)
-        mag = rng.uniform(14.0, 24.0, (b, n)).astype(np.float32)
-        err = rng.uniform(0.001, 0.5, (b, n)).astype(np.float32)
-        ref = rng.uniform(14.0, 24.0, b)
-        fast = tail_inputs(self.artifact.scalers, t, mag, err, ref)
-        for i in range(b):
-            slow = self.artifact.inputs(t[i, 1:], mag[i], err[i], reference=float(ref[i]),
-                                        prev_time=float(t[i, 0]))
-            if not np.array_equal(fast[i], slow):
-                log.warning("vectorised tail features differ from artifact.inputs: "
-                            "using artifact.inputs per window")
-                return False
-        return True
 
     def score(self, jobs: list[Job]) -> list[np.ndarray]:
         """P(binary) (float32) of each job's pending points, in job order."""
@@ -140,24 +123,31 @@ class Scorer:
             rows = len(job.time) - (1 if job.start > 0 else 0)
             groups[(job.start > 0, rows, u)].append(i)
         for (tail, rows, u), members in groups.items():
-            if tail and self.vectorised:
-                x = tail_inputs(self.artifact.scalers,
-                                np.stack([jobs[i].time for i in members]),
-                                np.stack([jobs[i].mag[1:] for i in members]),
-                                np.stack([jobs[i].mag_err[1:] for i in members]),
-                                np.array([jobs[i].reference for i in members], dtype=np.float64))
+            if self.vectorised:
+                x = _group_inputs(self.artifact, [jobs[i] for i in members], tail)
             else:
                 x = np.stack([_window_inputs_one(self.artifact, jobs[i]) for i in members])
             p = self.artifact.predict_last(x, n_last=u)
             for row, i in enumerate(members):
                 out[i] = p[row]
         if young:
-            xs = [_window_inputs_one(self.artifact, jobs[i]) for i in young]
-            x = np.zeros((len(xs), max(len(a) for a in xs), xs[0].shape[1]), dtype=np.float32)
-            for row, a in enumerate(xs):
-                x[row, :len(a)] = a
+            lens = np.array([len(jobs[i].time) for i in young])
+            if self.vectorised:
+                w = int(lens.max())
+                t = np.zeros((len(young), w), dtype=np.float64)
+                mag = np.zeros((len(young), w), dtype=np.float32)
+                err = np.zeros((len(young), w), dtype=np.float32)
+                for row, i in enumerate(young):
+                    n = lens[row]
+                    t[row, :n], mag[row, :n], err[row, :n] = jobs[i].time, jobs[i].mag, jobs[i].mag_err
+                x = self.artifact.inputs_batch(t, mag, err, lengths=lens)  # 0 past each length
+            else:
+                xs = [_window_inputs_one(self.artifact, jobs[i]) for i in young]
+                x = np.zeros((len(xs), int(lens.max()), xs[0].shape[1]), dtype=np.float32)
+                for row, a in enumerate(xs):
+                    x[row, :len(a)] = a
             p = self.artifact.predict(x)
             for row, i in enumerate(young):
-                n = len(xs[row])
+                n = lens[row]
                 out[i] = p[row, n - jobs[i].n_new:n]
         return out  # type: ignore[return-value]

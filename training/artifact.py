@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from training import decision
-from training.features import CHANNELS, REFERENCE_POINTS, build_features
+from training.features import CHANNELS, REFERENCE_POINTS, build_features, build_features_batch
 from training.model import TDCNN
 from training.scalers import ScalerError, TwoStageScaler
 
@@ -103,6 +103,17 @@ class Artifact:
                prev_time: float | None = None) -> np.ndarray:
         """Model input (n, C) float32 for a light curve (or a tail window, see features)."""
         return self.scalers.transform(build_features(time, mag, mag_err, reference, prev_time))
+
+    def inputs_batch(self, time, mag, mag_err, reference=None, prev_time=None,
+                     lengths=None) -> np.ndarray:
+        """Model input (B, W, C) float32 for B curves or tail windows at once: row ``b`` equals
+        ``inputs(...)`` of curve ``b`` bit for bit (see ``features.build_features_batch``
+        for the arguments); rows past ``lengths[b]`` are 0."""
+        x = self.scalers.transform(build_features_batch(time, mag, mag_err, reference, prev_time,
+                                                        lengths))
+        if lengths is not None:
+            x[np.arange(x.shape[1])[None, :] >= np.asarray(lengths)[:, None]] = 0.0
+        return x
 
     def predict(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """P(binary) per point: x (B, T, C) float32 -> (B, T) float32."""

@@ -12,9 +12,14 @@ Because the net is causal, right-padding a batch of ragged curves does not chang
 outputs at real points (:func:`predict_ragged` relies on that), and the output at the
 last point of a window of the newest ``receptive_field`` points equals the output of a
 run over the whole curve (in eval mode).
+
+:meth:`TDCNN.forward_last` (the broker's path) computes only what the newest outputs need,
+as a few GEMMs with BatchNorm folded in; an event's result does not depend on the other
+events in its batch (bit for bit), so consumers that split the work store what one would.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -47,6 +52,24 @@ class CausalConv1d(nn.Conv1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, T)
         return super().forward(nn.functional.pad(x, (self.left_pad, 0)))
+
+
+_WORKSPACE_LOCK = threading.Lock()
+_K_STEP = 512
+
+
+def _addmm(bias: torch.Tensor, a: torch.Tensor, w: torch.Tensor, out=None) -> torch.Tensor:
+    """``bias + a @ w``, summed over at most ``_K_STEP`` columns of ``a`` per GEMM call.
+
+    Keeps an event's result independent of the batch it comes in: measured with MKL on
+    2 threads, a 896-long inner dimension is split differently for 2-3, 4-3000 and
+    4000+ rows (three roundings of the same row), 512 and below (and 1 thread) never.
+    """
+    k = a.shape[1]
+    out = torch.addmm(bias, a[:, :_K_STEP], w[:_K_STEP], out=out)
+    for s in range(_K_STEP, k, _K_STEP):
+        out.addmm_(a[:, s:s + _K_STEP], w[s:s + _K_STEP])
+    return out
 
 
 class TDCNN(nn.Module):
@@ -91,37 +114,254 @@ class TDCNN(nn.Module):
     def forward_last(self, x: torch.Tensor, n_last: int = 1) -> torch.Tensor:
         """Logits of the newest ``n_last`` points only: x (B, T, C) -> (B, n_last, n_classes).
 
-        Eval mode only. Computes just the dependency cone of those outputs (with dilations
-        1/4/16 and one output: 23 positions of layer 1, 5 of layer 2, 1 of layer 3) instead
-        of every position of the window, so the cost per alert stays small; equals
-        ``forward(x)[:, -n_last:]`` up to float rounding. Give it at least the newest
-        ``receptive_field + n_last - 1`` points for the result to equal a run over the
-        whole curve (fewer points = the curve starts there).
+        Eval mode only (BatchNorm running statistics, no dropout; no autograd graph is
+        built). Equals ``forward(x)[:, -n_last:]`` up to float rounding (tested to 1e-5).
+        Give it at least the newest ``receptive_field + n_last - 1`` points for the result
+        to equal a run over the whole curve (fewer points = the curve starts there).
+
+        How: each output depends on a tree of positions (its *dependency cone*): layer L
+        at the output point, layer L-1 at its k_L taps, layer L-2 at the k_L * k_{L-1}
+        taps of those, ... With BatchNorm folded into the convolutions (cached, see
+        :meth:`_folded`), layer 1 over that tree is one GEMM whose input rows are a
+        strided view of ``x`` (a position of the tree is linear in its tap indices), and
+        every further layer is one GEMM over a plain reshape of the previous output
+        (its rows are already grouped by tap). With kernels 9/7/5 and dilations 1/4/16
+        that is 35 x (27 -> 128), 5 x (896 -> 64), 1 x (320 -> 32) and the head per
+        output (~0.42 M multiply-adds; the 23 distinct layer-1 positions of the cone are
+        computed 35 times: measured, that costs about what gathering them would).
+        ``n_last`` outputs are ``n_last`` such trees (adjacent outputs of a dilated net
+        share almost nothing above the input); when that would cost more than a plain
+        pass over the newest ``receptive_field + n_last - 1`` points, that pass is run
+        instead (:meth:`_forward_dense`, the same GEMMs over im2col rows). Tree nodes at
+        positions before the window start are zeroed after their layer, exactly the
+        zeros that the causal left padding puts at the input of the next layer.
+
+        An event's logits are bit-identical whatever else is in its batch (tested on 1
+        and 2 threads; see :func:`_addmm`). Intermediate buffers are kept between calls
+        (a few MB); calls from several threads take turns.
         """
         if self.training:
             raise RuntimeError("forward_last is for eval mode (BatchNorm running statistics)")
+        if x.dim() != 3:
+            raise ValueError(f"forward_last expects (B, T, C), got shape {tuple(x.shape)}")
         t = x.shape[1]
         if not 1 <= n_last <= t:
             raise ValueError(f"n_last must be in 1..{t}, got {n_last}")
-        plan = self._cone_plan(t, n_last, x.device)
-        h = x[:, plan[0][0]].transpose(1, 2)  # (B, C, |P0|) input at the needed positions
-        for block, (_, idx) in zip(self.blocks, plan[1:]):
-            conv, bn = block[0], block[1]
-            hz = torch.cat([h, h.new_zeros(h.shape[0], h.shape[1], 1)], dim=2)  # last col = pad
-            g = hz[:, :, idx]  # (B, C_in, |P|, k)
-            y = torch.einsum("bcpk,ock->bop", g, conv.weight) + conv.bias[None, :, None]
-            y = nn.functional.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                         False, 0.0, bn.eps)
-            h = torch.relu(y)
-        return self.head(h.transpose(1, 2))
+        with torch.no_grad():
+            folded = self._folded(x.device)
+            x = x.to(folded[0][0].dtype)
+            b = x.shape[0]
+            if b * n_last == 1:
+                # a 1-row GEMM runs as a matrix-vector product, which rounds differently:
+                # two rows keep an event's result independent of the batch it comes in
+                x = x.expand(2, -1, -1)
+            plan = self._tree_plan(t, n_last)
+            if plan is None:  # a dense pass over the newest points is cheaper
+                out = self._forward_dense(x[:, max(0, t - (self.receptive_field + n_last - 1)):],
+                                          n_last, folded)
+            else:
+                out = self._forward_tree(x, n_last, plan, folded)
+            return out[:b]
 
-    def _cone_plan(self, t: int, n_last: int, device) -> list:
-        """[(P0, None), (P1, idx1), ...]: positions per layer and gather indices into the
-        previous layer's kept positions (index len(P_prev) = a zero pad column)."""
-        key = (t, n_last, str(device))
-        cache = self.__dict__.setdefault("_cone_cache", {})
+    # -- fast path internals -------------------------------------------------------------
+
+    # layer-1 rows per chunk of the tree path (x 128 channels x 4 B = 4 MB): intermediates
+    # stay in cache and live in reused buffers (fresh large tensors cost page faults: a
+    # 36 MB layer-1 output took ~4x the time of its GEMM on the 2-core VM)
+    TREE_ROWS_PER_CHUNK = 8192
+    TREE_COST_FACTOR = 1.0  # tree multiply-adds x this vs the dense pass's: fewer wins
+
+    def _drop_fast_caches(self) -> None:
+        for k in ("_fold_cache", "_fold_tensors", "_ws"):
+            self.__dict__.pop(k, None)
+
+    def train(self, mode: bool = True):
+        self._drop_fast_caches()
+        return super().train(mode)
+
+    def _apply(self, *args, **kwargs):  # .to(), .double(), .cuda(), ...
+        self._drop_fast_caches()
+        return super()._apply(*args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._drop_fast_caches()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _folded(self, device) -> list:
+        """[(W (k*C_in, C_out), b (C_out,)) per conv with BatchNorm folded in, then the head's
+        (W^T, b) pairs], cached; recomputed whenever a
+        parameter or buffer changed (in-place updates bump tensor versions;
+        ``train()``, ``to()`` and ``load_state_dict`` also drop the cache)."""
+        tensors = self.__dict__.get("_fold_tensors")
+        if tensors is None:
+            tensors = self.__dict__["_fold_tensors"] = list(self.parameters()) + list(self.buffers())
+        key = (str(device),) + tuple((p.data_ptr(), p._version) for p in tensors)
+        cached = self.__dict__.get("_fold_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        out = []
+        with torch.inference_mode(False), torch.no_grad():
+            for block in self.blocks:
+                conv, bn = block[0], block[1]
+                w = conv.weight.detach().to(device=device, dtype=torch.float64)
+                b = conv.bias.detach().to(device=device, dtype=torch.float64)
+                s = (bn.weight.detach().to(device, torch.float64)
+                     / torch.sqrt(bn.running_var.detach().to(device, torch.float64) + bn.eps))
+                wf = w * s[:, None, None]                                   # (C_out, C_in, k)
+                bf = (b - bn.running_mean.detach().to(device, torch.float64)) * s \
+                    + bn.bias.detach().to(device, torch.float64)
+                dtype = conv.weight.dtype
+                # rows ordered (tap, channel) to match a patch of k positions x C_in channels
+                out.append((wf.permute(2, 1, 0).reshape(-1, wf.shape[0]).to(dtype).contiguous(),
+                            bf.to(dtype).contiguous()))
+            for layer in (self.head[0], self.head[3]):
+                out.append((layer.weight.detach().to(device).t().contiguous(),
+                            layer.bias.detach().to(device).contiguous()))
+        self.__dict__["_fold_cache"] = (key, out)
+        return out
+
+    def _tree_plan(self, t: int, n_last: int):
+        """None when a dense pass is cheaper, else a dict: ``skip`` (leading taps of each
+        conv dropped because they lie before the window start on every branch), ``sizes``
+        and ``steps`` of the strided input view (outputs, taps of conv L .. 2, taps of
+        conv 1; steps in points), ``t_pad``/``base`` (padded length and the view's first
+        point), ``masks`` (per conv, 0/1 per node: 0 where its position is before the
+        start; None where none is), ``rows`` (output rows per event of each conv).
+        Cached per (T, n_last)."""
+        key = (t, n_last)
+        cache = self.__dict__.setdefault("_tree_cache", {})
         if key in cache:
             return cache[key]
+        c = self.config
+        ks, ds, chans = c.kernel_sizes, c.dilations, (c.in_channels,) + c.conv_channels
+        n_conv = len(ks)
+        # taps before the start even on the newest branch (all of whose nodes sit at t-1)
+        # read only padding: drop them (their contribution is exactly 0)
+        skip = [max(0, k - 1 - (t - 1) // d) for k, d in zip(ks, ds)]
+        kept = [k - s for k, s in zip(ks, skip)]
+        rows = [n_last * int(np.prod(kept[l + 1:])) for l in range(n_conv)]  # per event
+        tree = sum(r * kk * ci * co for r, kk, ci, co in zip(rows, kept, chans[:-1], chans[1:]))
+        rf = self.receptive_field
+        dense_first = [max(0, t - n_last - sum((k - 1) * d for k, d in zip(ks[l + 1:], ds[l + 1:])))
+                       for l in range(n_conv)]
+        dense = sum((t - f) * k * ci * co
+                    for f, k, ci, co in zip(dense_first, ks, chans[:-1], chans[1:]))
+        # measured on the shipped model (1 thread, T 20-120, n_last 2-24): per multiply-add
+        # both paths cost about the same, so the smaller count wins (the rule picked the
+        # faster path in every case but one near-tie)
+        if self.TREE_COST_FACTOR * tree > dense:
+            cache[key] = None
+            return None
+        # node positions (original coordinates) per conv's output: dims (n, kept_L, ...)
+        masks = []
+        pos = np.arange(t - n_last, t)
+        for l in range(n_conv - 1, 0, -1):  # conv l's taps index the nodes of conv l-1
+            taps = ds[l] * (np.arange(skip[l], ks[l]) - (ks[l] - 1))
+            pos = pos[..., None] + taps
+            m = (pos >= 0).reshape(-1)
+            masks.insert(0, None if m.all() else torch.from_numpy(m.astype(np.float32))[:, None])
+        masks.append(None)  # the last conv's nodes are the outputs (all >= 0)
+        sizes = (n_last,) + tuple(kept[l] for l in range(n_conv - 1, 0, -1)) + (kept[0],)
+        steps = (1,) + tuple(ds[l] for l in range(n_conv - 1, 0, -1)) + (ds[0],)
+        base = t - n_last - sum(d * (k - 1 - s) for k, d, s in zip(ks, ds, skip))
+        t_pad = t + max(0, -base)
+        plan = dict(skip=skip, sizes=sizes, steps=steps, t_pad=t_pad, base=base + t_pad - t,
+                    masks=masks, rows=rows)
+        cache[key] = plan
+        return plan
+
+    def _forward_tree(self, x: torch.Tensor, n_last: int, plan, folded) -> torch.Tensor:
+        t_pad, base, sizes, steps = plan["t_pad"], plan["base"], plan["sizes"], plan["steps"]
+        masks, rows = plan["masks"], plan["rows"]
+        b, t, ch = x.shape
+        if t_pad > t:
+            x = nn.functional.pad(x, (0, 0, t_pad - t, 0))
+        x = x.contiguous()
+        n_conv = len(self.blocks)
+        chans = (ch,) + self.config.conv_channels
+        # the kept taps' rows of each folded weight (rows are ordered tap, channel)
+        weights = [(w[s * ci:], bias) for (w, bias), s, ci in zip(folded, plan["skip"], chans)]
+        (w1, b1), (w2, b2) = folded[n_conv], folded[n_conv + 1]
+        out = x.new_empty((b, n_last, w2.shape[1]))
+        step = max(1, self.TREE_ROWS_PER_CHUNK // rows[0])  # events per chunk
+        # sizes of the reused buffers for a full chunk: gathered rows, each conv, the head
+        need = [step * rows[0] * weights[0][0].shape[0]]
+        need += [step * r * w.shape[1] for r, (w, _) in zip(rows, weights)]
+        need += [step * rows[-1] * w1.shape[1]]
+        with _WORKSPACE_LOCK:  # the buffers are shared: one tree pass at a time
+            ws = self._workspace(x.device, x.dtype, need)
+            for s0 in range(0, b, step):
+                nb = min(step, b - s0)
+                view = x.as_strided((nb,) + sizes + (ch,),
+                                    (t_pad * ch,) + tuple(s * ch for s in steps) + (1,),
+                                    x.storage_offset() + (s0 * t_pad + base) * ch)
+                h = ws[0][:view.numel()].view(view.shape)
+                h.copy_(view)  # one row per layer-1 node: its kept positions x C
+                h = h.view(nb * rows[0], -1)
+                for l, (w, bias) in enumerate(weights):
+                    h = h.view(-1, w.shape[0])  # one row per node: its kept taps x C_in
+                    y = ws[l + 1][:h.shape[0] * w.shape[1]].view(h.shape[0], w.shape[1])
+                    h = _addmm(bias, h, w, out=y).relu_()
+                    if masks[l] is not None:
+                        m = masks[l]
+                        if m.device != h.device or m.dtype != h.dtype:
+                            m = masks[l] = m.to(h.device, h.dtype)
+                        h.view(nb, m.shape[0], -1).mul_(m)
+                y = ws[n_conv + 1][:h.shape[0] * w1.shape[1]].view(h.shape[0], w1.shape[1])
+                h = torch.addmm(b1, h, w1, out=y).relu_()
+                torch.addmm(b2, h, w2, out=out[s0:s0 + nb].view(-1, w2.shape[1]))
+        return out
+
+    def _workspace(self, device, dtype, need: list[int]) -> list[torch.Tensor]:
+        """Flat buffers reused across calls (fresh large tensors cost page faults)."""
+        key = (str(device), dtype)
+        store = self.__dict__.setdefault("_ws", {})
+        bufs = store.get(key)
+        if bufs is None or len(bufs) != len(need) or any(len(b) < n for b, n in zip(bufs, need)):
+            old = bufs or []
+            with torch.inference_mode(False):  # written in place in and out of inference mode
+                bufs = [torch.empty(max(n, len(old[i]) if i < len(old) else 0), device=device,
+                                    dtype=dtype) for i, n in enumerate(need)]
+            store[key] = bufs
+        return bufs
+
+    def _forward_dense(self, x: torch.Tensor, n_last: int, folded) -> torch.Tensor:
+        """Logits of the newest ``n_last`` points by a plain pass: every layer one GEMM over
+        its im2col rows (the same GEMMs, weights and rounding as the tree path), each layer
+        only at the positions the newest outputs need. x (B, T, C) -> (B, n_last, classes)."""
+        b, t, ch = x.shape
+        c = self.config
+        n_conv = len(self.blocks)
+        reach = [sum((k - 1) * d for k, d in zip(c.kernel_sizes[l + 1:], c.dilations[l + 1:]))
+                 for l in range(n_conv)]
+        first = [max(0, t - n_last - r) for r in reach]  # first position each layer computes
+        (w1, b1), (w2, b2) = folded[n_conv], folded[n_conv + 1]
+        out = x.new_empty((b, n_last, w2.shape[1]))
+        step = max(1, self.TREE_ROWS_PER_CHUNK // (t - first[0]))  # events per chunk
+        for s0 in range(0, b, step):
+            h, lo = x[s0:s0 + step], 0  # h covers positions lo .. t-1
+            nb = h.shape[0]
+            for l, (k, d) in enumerate(zip(c.kernel_sizes, c.dilations)):
+                w, bias = folded[l]
+                start = first[l] - (k - 1) * d      # first input position this layer reads
+                if start < lo:
+                    h = nn.functional.pad(h, (0, 0, lo - start, 0))
+                else:
+                    h = h[:, start - lo:]
+                h = h.contiguous()
+                cin, rows = h.shape[2], t - first[l]
+                patches = h.as_strided((nb, rows, k, cin), (h.shape[1] * cin, cin, d * cin, 1),
+                                       h.storage_offset())
+                h = _addmm(bias, patches.reshape(nb * rows, k * cin), w).relu_()
+                h, lo = h.view(nb, rows, -1), first[l]
+            h = torch.addmm(b1, h.reshape(nb * n_last, -1), w1).relu_()
+            torch.addmm(b2, h, w2, out=out[s0:s0 + nb].view(-1, w2.shape[1]))
+        return out
+
+    def _cone_plan(self, t: int, n_last: int, device) -> list:
+        """[(P0, None), (P1, idx1), ...]: the distinct positions per layer that the newest
+        ``n_last`` outputs depend on, and gather indices into the previous layer's kept
+        positions (index len(P_prev) = a zero pad column). Documentation/tests only."""
         c = self.config
         positions = [np.arange(t - n_last, t)]
         for k, d in zip(reversed(c.kernel_sizes), reversed(c.dilations)):
@@ -134,7 +374,6 @@ class TDCNN(nn.Module):
             q = p[:, None] - d * np.arange(k - 1, -1, -1)[None, :]
             idx = np.where(q >= 0, np.searchsorted(prev, np.maximum(q, 0)), len(prev))
             plan.append((torch.as_tensor(p, device=device), torch.as_tensor(idx, device=device)))
-        cache[key] = plan
         return plan
 
 

@@ -109,3 +109,42 @@ def test_online_recipe_equals_offline_full_run(saved):
             x = art.inputs(t[:j], mag[:j], err[:j])[-w:]
         online.append(art.predict_last(x[None], n_last=min(smooth, len(x)))[0].mean())
     np.testing.assert_allclose(online, offline, atol=1e-5)
+
+
+def test_inputs_batch_equals_inputs_exactly(saved):
+    d, _, _ = saved
+    art = load_artifact(d)
+    rng = np.random.default_rng(7)
+    curves = []
+    for n in [1, 3, 9, 10, 11, 40, 97, 120]:
+        t = 61000 + np.cumsum(rng.uniform(0.0, 3.0, n))
+        curves.append((t, rng.uniform(15, 22, n).astype(np.float32), rng.uniform(0.01, 0.3, n).astype(np.float32)))
+    lens = np.array([len(c[0]) for c in curves])
+    w = int(lens.max())
+    t = np.zeros((len(curves), w))
+    mag = np.zeros((len(curves), w), np.float32)
+    err = np.zeros((len(curves), w), np.float32)
+    for i, (ti, mi, ei) in enumerate(curves):
+        t[i, :len(ti)], mag[i, :len(ti)], err[i, :len(ti)] = ti, mi, ei
+    x = art.inputs_batch(t, mag, err, lengths=lens)
+    for i, (ti, mi, ei) in enumerate(curves):
+        assert np.array_equal(x[i, :len(ti)], art.inputs(ti, mi, ei))
+        assert not x[i, len(ti):].any()
+    # tail windows of one width with fixed references
+    long = [c for c in curves if len(c[0]) >= 40]
+    m = 25
+    refs = np.array([event_reference(c[1]) for c in long])
+    prev = np.array([c[0][m - 1] for c in long])
+    xt = art.inputs_batch(np.stack([c[0][m:m + 15] for c in long]), np.stack([c[1][m:m + 15] for c in long]),
+                          np.stack([c[2][m:m + 15] for c in long]), reference=refs, prev_time=prev)
+    for i, (ti, mi, ei) in enumerate(long):
+        assert np.array_equal(xt[i], art.inputs(ti, mi, ei)[m:m + 15])
+
+
+@pytest.mark.parametrize("t_len,n_last", [(1, 1), (40, 3), (97, 1), (98, 2), (104, 8), (150, 30)])
+def test_predict_last_equals_predict(saved, t_len, n_last):
+    d, _, _ = saved
+    art = load_artifact(d)
+    x = np.random.default_rng(t_len).uniform(0, 1, (37, t_len, 3)).astype(np.float32)
+    np.testing.assert_allclose(art.predict_last(x, n_last, batch_size=16),
+                               art.predict(x)[:, -n_last:], atol=1e-5, rtol=0)

@@ -138,3 +138,22 @@ def test_window_start_rule():
     assert window_start(rf + k - 1, 0, k, rf) == 0  # would start before the reference is fixed
     assert window_start(rf + k, 0, k, rf) == k      # tail: prev_time point + rf - 1 context
     assert window_start(500, 450, k, rf) == 450     # never before the oldest stored point
+
+
+@pytest.mark.parametrize("pad_young", [False, True])
+def test_batched_inputs_equal_per_window_inputs(artifact, pad_young):
+    """One inputs_batch call per group gives exactly what artifact.inputs per window gives."""
+    rng = np.random.default_rng(8)
+    curves = [light_curve(rng, int(n)) for n in rng.integers(5, 260, 30)]
+    jobs = []
+    for t, mag, err in curves:
+        n = len(t)
+        new = int(rng.integers(1, min(4, n) + 1))
+        s = window_start(n - new, 0, REFERENCE_POINTS, artifact.receptive_field)
+        ref = float(np.median(mag[:REFERENCE_POINTS].astype(np.float64))) if n >= REFERENCE_POINTS else None
+        jobs.append(Job(n - new, s, t[s:], mag[s:], err[s:], ref))
+    fast = Scorer(artifact, pad_young=pad_young)
+    slow = Scorer(artifact, vectorised=False, pad_young=pad_young)
+    assert fast.vectorised and not slow.vectorised
+    for a, b in zip(fast.score(jobs), slow.score(jobs)):
+        assert np.array_equal(a, b)

@@ -6,7 +6,7 @@ import pytest
 
 from training import decision
 from training.features import (CHANNELS, REFERENCE_POINTS, FeatureError, build_features,
-                               event_reference)
+                               build_features_batch, event_reference)
 from training.scalers import ScalerError, TwoStageScaler
 
 
@@ -90,3 +90,113 @@ def test_decision_rule():
     neg = np.linspace(0, 1, 101)
     thr = decision.threshold_for_false_rate(neg, 0.05)
     assert np.mean(neg >= thr) <= 0.05 and np.mean(neg >= 0.94) > 0.05
+
+
+# -- the batch form -------------------------------------------------------------------------
+
+def _reference_features(time, mag, mag_err, reference=None, prev_time=None):
+    """The formula written out point by point (Python medians): an independent reference."""
+    t = np.asarray(time, dtype=np.float64)
+    m = np.asarray(mag, dtype=np.float64)
+    e = np.asarray(mag_err, dtype=np.float64)
+    n = len(t)
+    out = np.empty((n, 3), dtype=np.float64)
+    for j in range(n):
+        if reference is not None:
+            ref = float(reference)
+        else:
+            v = sorted(m[:min(j + 1, REFERENCE_POINTS)].tolist())
+            h = len(v) // 2
+            ref = v[h] if len(v) % 2 else (v[h - 1] + v[h]) / 2.0
+        out[j, 0] = ref - m[j]
+        out[j, 1] = e[j]
+        dt = (t[j] - t[j - 1]) if j else (0.0 if prev_time is None else t[0] - float(prev_time))
+        out[j, 2] = dt
+    out[:, 2] = np.log1p(out[:, 2])
+    return out.astype(np.float32)
+
+
+def _curves(seed, count, max_len=200):
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in rng.integers(0, max_len, count):
+        t = 61000.0 + np.cumsum(rng.uniform(0.0, 5.0, n))    # repeated times (dt = 0) allowed
+        mag = rng.uniform(12.0, 25.0, n).astype(np.float32)
+        if n > 4 and rng.random() < 0.3:
+            mag[: n // 2] = mag[0]                              # ties in the reference median
+        err = rng.uniform(0.001, 1.0, n).astype(np.float32)
+        out.append((t, mag, err))
+    return out
+
+
+def test_build_features_equals_pointwise_reference_exactly():
+    for t, mag, err in _curves(0, 60):
+        assert np.array_equal(build_features(t, mag, err), _reference_features(t, mag, err))
+
+
+def test_batch_equals_build_features_exactly_ragged():
+    curves = _curves(1, 50) + [_c for _c in _curves(2, 20, max_len=REFERENCE_POINTS + 2)]
+    lens = np.array([len(c[0]) for c in curves])
+    w = int(lens.max())
+    rng = np.random.default_rng(3)
+    # padding full of garbage (decreasing times, NaN): must be ignored
+    t = rng.uniform(0, 1, (len(curves), w)) * -1e3
+    mag = np.full((len(curves), w), np.nan, dtype=np.float32)
+    err = np.full((len(curves), w), np.nan, dtype=np.float32)
+    for i, (ti, mi, ei) in enumerate(curves):
+        t[i, :len(ti)], mag[i, :len(ti)], err[i, :len(ti)] = ti, mi, ei
+    with np.errstate(invalid="raise"):
+        got = build_features_batch(t, mag, err, lengths=lens)
+    assert got.shape == (len(curves), w, len(CHANNELS)) and got.dtype == np.float32
+    for i, (ti, mi, ei) in enumerate(curves):
+        n = len(ti)
+        assert np.array_equal(got[i, :n], build_features(ti, mi, ei))
+        assert np.array_equal(got[i, :n], _reference_features(ti, mi, ei))
+        assert not got[i, n:].any()
+
+
+def test_batch_tail_windows_equal_full_run_exactly():
+    rng = np.random.default_rng(4)
+    curves = [c for c in _curves(5, 80, max_len=300) if len(c[0]) > 120]
+    width = 98                                  # receptive field + 1 new point, as the broker
+    for w in (width, 1, 5):
+        rows, refs, prevs, expect = [], [], [], []
+        for t, mag, err in curves:
+            m = int(rng.integers(REFERENCE_POINTS - 1, len(t) - w + 1))
+            rows.append((t[m:m + w], mag[m:m + w], err[m:m + w]))
+            refs.append(event_reference(mag))
+            prevs.append(t[m - 1])
+            expect.append(build_features(t, mag, err)[m:m + w])
+            assert np.array_equal(expect[-1], _reference_features(t[m:m + w], mag[m:m + w], err[m:m + w],
+                                                                   refs[-1], prevs[-1]))
+        got = build_features_batch(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]),
+                                   np.stack([r[2] for r in rows]), reference=np.array(refs),
+                                   prev_time=np.array(prevs))
+        for i, (ti, mi, ei) in enumerate(rows):
+            assert np.array_equal(got[i], expect[i])
+            assert np.array_equal(got[i], build_features(ti, mi, ei, reference=refs[i],
+                                                         prev_time=prevs[i]))
+
+
+def test_batch_bad_input():
+    t = np.cumsum(np.ones((2, 5)), axis=1)
+    mag = np.full((2, 5), 20.0)
+    assert build_features_batch(t[:, :0], mag[:, :0], mag[:, :0]).shape == (2, 0, len(CHANNELS))
+    with pytest.raises(FeatureError):
+        build_features_batch(t[0], mag[0], mag[0])                      # 1-D
+    with pytest.raises(FeatureError):
+        build_features_batch(t, mag[:, :4], mag)
+    with pytest.raises(FeatureError):
+        build_features_batch(t, mag, mag, reference=np.zeros(3))
+    with pytest.raises(FeatureError):
+        build_features_batch(t, mag, mag, lengths=[2, 6])
+    with pytest.raises(FeatureError):
+        build_features_batch(t[:, ::-1], mag, mag)                      # decreasing
+    with pytest.raises(FeatureError):
+        build_features_batch(t, mag, mag, prev_time=np.array([0.0, 10.0]))  # after prev_time
+    # a decreasing time inside the valid part still raises with lengths
+    bad = t.copy()
+    bad[1, 2] = 0.0
+    with pytest.raises(FeatureError):
+        build_features_batch(bad, mag, mag, lengths=[5, 4])
+    assert build_features_batch(bad, mag, mag, lengths=[5, 2]).shape == (2, 5, 3)
