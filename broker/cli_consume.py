@@ -5,8 +5,8 @@ import argparse
 import json
 import logging
 
-HELP = ("consume alerts: idempotent light curves in Redis, the TD-CNN on every new point, "
-        "triggers and dead letters to Kafka")
+HELP = ("consume alerts: idempotent light curves in Redis, the TD-CNN (or the classical PSPL-fit "
+        "anomaly detector, or both) on every new point, triggers and dead letters to Kafka")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve Prometheus metrics here (default: consumer.metrics_port)")
     parser.add_argument("--batch-size", type=int, metavar="N", default=None,
                         help="messages per poll batch (default: consumer.batch_size)")
+    parser.add_argument("--rule", choices=("tdcnn", "pspl-fit", "both"), default=None,
+                        help="decision rule: the TD-CNN, the classical PSPL-fit anomaly detector, "
+                             "or both (one trigger per event and rule) (default: consumer.rule)")
 
 
 def run(args) -> int:
@@ -36,14 +39,22 @@ def run(args) -> int:
         if args.batch_size < 1:
             raise BrokerError("--batch-size must be >= 1")
         settings = settings.replace(consumer={"batch_size": args.batch_size})
+    if args.rule is not None:
+        settings = settings.replace(consumer={"rule": args.rule})
     if args.max_alerts is not None and args.max_alerts < 1:
         raise BrokerError("--max-alerts must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     artifact = load_model(settings, args.model, args.device)
-    logging.getLogger("broker").info(
-        "model %s on %s (receptive field %d, threshold %.4f)", artifact.version, artifact.device,
-        artifact.receptive_field,
-        settings.consumer.threshold if settings.consumer.threshold is not None else artifact.threshold)
+    log = logging.getLogger("broker")
+    if "tdcnn" in settings.consumer.rules:
+        log.info("model %s on %s (receptive field %d, threshold %.4f)", artifact.version,
+                 artifact.device, artifact.receptive_field,
+                 settings.consumer.threshold if settings.consumer.threshold is not None
+                 else artifact.threshold)
+    if "pspl-fit" in settings.consumer.rules:
+        from broker.rule_psplfit import params_from_settings
+        p = params_from_settings(settings)
+        log.info("rule pspl-fit %s (threshold %.1f, windows %s)", p.version, p.threshold, p.windows)
     port = args.metrics_port if args.metrics_port is not None else settings.consumer.metrics_port
     broker = Broker(settings, artifact, topic=args.topic, group=args.group, metrics_port=port)
     broker.install_signal_handlers()

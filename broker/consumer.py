@@ -6,7 +6,10 @@ point (``inference``) -> decision (``triggers``) -> one Redis round trip storing
 probabilities and trigger flags -> produce triggers and dead letters, flush, check every
 delivery -> mark triggers sent -> commit the batch's offsets synchronously. Any failure
 before the commit raises: nothing is committed, and a restart re-reads the batch (which
-the idempotent state turns into no-ops).
+the idempotent state turns into no-ops). ``consumer.rule`` picks the decision rule(s):
+``tdcnn`` (the model pass above), ``pspl-fit`` (``broker.rule_psplfit``: a robust PSPL
+refit per new point, its own state and trigger keys) or ``both``; each rule's time is
+recorded (``RuleCost``) for the cost per alert.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from broker import state as st
 from broker.errors import BrokerError, DeliveryError
 from broker.inference import Job, Scorer
 from broker.metrics import Interval, Metrics
+from broker.rule_psplfit import PsplFitRule, RuleCost, params_from_settings
 from broker.triggers import Rule, decide_many, trigger_record
 from broker.validate import Rejected, dead_letter_headers, validate_batch
 from schemas import default_codec
@@ -59,11 +63,15 @@ class Summary:
     triggers: int = 0
     batches: int = 0
     seconds: float = 0.0
+    busy_seconds: float = 0.0                                  # inside process(), all batches
+    rule_seconds: dict = field(default_factory=dict)           # per decision rule (RuleCost)
 
     def as_dict(self) -> dict:
         return {"alerts": self.alerts, "points": self.points, "duplicates": self.duplicates,
                 "dead_letters": dict(self.dead_letters), "triggers": self.triggers,
-                "batches": self.batches, "seconds": round(self.seconds, 3)}
+                "batches": self.batches, "seconds": round(self.seconds, 3),
+                "busy_seconds": round(self.busy_seconds, 3),
+                "rule_seconds": {k: round(v, 3) for k, v in self.rule_seconds.items()}}
 
 
 class Broker:
@@ -80,15 +88,19 @@ class Broker:
         self.codec = default_codec()
         self.artifact = artifact
         dec = artifact.decision
-        self.rule = Rule(c.rule, c.threshold if c.threshold is not None else artifact.threshold,
+        self.rule = Rule("tdcnn", c.threshold if c.threshold is not None else artifact.threshold,
                          c.min_points, int(dec.get("smooth_window", 5)))
         self.store = st.EventStore(
             redis if redis is not None else redis_client(settings), settings.redis.key_prefix,
             settings.redis.event_ttl_s, settings.redis.max_points,
             reference_points=int(artifact.card["reference_points"]),
             receptive_field=artifact.receptive_field, smooth_window=self.rule.smooth)
-        self.scorer = Scorer(artifact)
+        self.rules = c.rules                 # ("tdcnn",), ("pspl-fit",) or both
+        self.scorer = Scorer(artifact) if "tdcnn" in self.rules else None
         self.metrics = Metrics()
+        self.cost = RuleCost(self.metrics.registry)
+        self.psplfit = PsplFitRule(self.store, params_from_settings(settings)) \
+            if "pspl-fit" in self.rules else None
         self.metrics_server = self.metrics.serve(metrics_port) if metrics_port else None
         self.summary = Summary()
         self.assigned = threading.Event()
@@ -215,14 +227,21 @@ class Broker:
                     n_app += len(mine)
                 n_drop += res.dropped_now
                 h = res.header
-                if h.n_scored < h.n_total:
+                if self.scorer is not None and h.n_scored < h.n_total:
                     w = res.window
                     jobs.append(Job(h.n_scored, res.start, w["t"].astype(np.float64),
                                     w["mag"].astype(np.float32), w["err"].astype(np.float32),
                                     h.reference))
                     owners.append((res, mine))
-            pending = [res.object_id for res in results if res.trigger_status == b"P"]
-            triggers += self._score_and_decide(jobs, owners, points, pending)
+            if self.scorer is not None:
+                pending = [res.object_id for res in results if res.trigger_status == b"P"]
+                with self.cost.timing("tdcnn"):
+                    triggers += self._score_and_decide(jobs, owners, points, pending)
+            if self.psplfit is not None:
+                with self.cost.timing("pspl-fit"):
+                    triggers += self.psplfit.process(
+                        [(res, order[starts[e]:starts[e] + counts[e]]) for e, res in enumerate(results)],
+                        points)
         self._deliver(msgs, dead, triggers)
         self._commit(msgs)
         # bookkeeping
@@ -237,6 +256,7 @@ class Broker:
             m.dead_letters.labels(reason).inc(k)
         s.alerts += len(msgs); s.points += n_app; s.duplicates += n_dup
         s.dead_letters.update(reasons); s.triggers += len(triggers); s.batches += 1
+        s.busy_seconds += elapsed; s.rule_seconds = dict(self.cost.seconds)
         iv.alerts += len(msgs); iv.points += n_app; iv.duplicates += n_dup
         iv.dead_letters += len(dead); iv.triggers += len(triggers); iv.batches += 1
         iv.busy_s += elapsed
@@ -303,12 +323,12 @@ class Broker:
                                                               m.topic(), m.partition(), m.offset(),
                                                               self.group),
                                   on_delivery=cb)
-        sent_ids = []
+        sent_ids, sent_fit = [], []
         for rec in triggers:
             rec = dict(rec, triggerProducedUs=int(time.time() * 1e6))
             self.producer.produce(topics.triggers, key=str(rec["diaObjectId"]).encode(),
                                   value=self.codec.encode(rec, "trigger"), on_delivery=cb)
-            sent_ids.append(rec["diaObjectId"])
+            (sent_fit if rec["rule"] == PsplFitRule.name else sent_ids).append(rec["diaObjectId"])
         if not dead and not triggers:
             return
         left = self.producer.flush(self.settings.consumer.poll_timeout_s + 30.0)
@@ -316,6 +336,8 @@ class Broker:
             raise DeliveryError(f"{left} message(s) not delivered, errors: "
                                 f"{self._delivery_errors[:3]}; batch not committed")
         self.store.mark_sent(sent_ids)
+        if sent_fit:
+            self.psplfit.mark_sent(sent_fit)
 
     def _on_delivery(self, err, msg) -> None:
         if err is not None:

@@ -4,7 +4,13 @@ How early and how well did the broker decide? For each decision rule found on th
 trigger topic: counts per class, purity (precision) and completeness (recall), the
 share of single-lens events that triggered, decision time of the true binaries that
 triggered (days from t0, units of tE, points seen), recall in detectability bins,
-and the wall-clock latency from alert produced to trigger produced.
+the wall-clock latency from alert produced to trigger produced, and, given the
+consumer's summary (``ulens consume`` prints it as its last line; ``--consumer-summary``),
+the processing cost per alert of each rule (the time the consumer spent in that rule:
+model or fit, decision, the rule's Redis round trips) beside the cost every rule shares
+(decode, append, produce, commit). ``--plots`` also draws
+``completeness_vs_decision_time.png``: the share of binaries triggered by t0 + x t_E, per
+rule.
 
 The scoring is pure (``score``); reading Kafka and drawing plots are kept apart.
 """
@@ -25,6 +31,7 @@ HELP = ("Score the triggers on the trigger topic against a replay's ground truth
         "a terminal table, optional JSON and PNG plots.")
 
 DCHI2_BINS = ((0.0, 25.0), (25.0, 160.0), (160.0, 1000.0), (1000.0, math.inf))
+DETECTABLE_DCHI2 = 160.0
 QUANTILES = (10, 50, 90)
 LATENCY_PCT = (50, 95, 99)
 
@@ -134,7 +141,7 @@ def score(truth: list[dict], triggers: list[dict]) -> dict:
             first[oid] = trg
         tp = [o for o in first if labels[o] == 1]
         fp = [o for o in first if labels[o] == 0]
-        dt_days, dt_te, npts = [], [], []
+        dt_days, dt_te, npts, dt_te_det = [], [], [], []
         for o in tp:
             t = by_id[o]
             if t.get("t0_mjd") is None or not t.get("tE"):
@@ -143,6 +150,8 @@ def score(truth: list[dict], triggers: list[dict]) -> dict:
             dt_days.append(d)
             dt_te.append(d / t["tE"])
             npts.append(first[o]["nPoints"])
+            if t.get("dchi2") is not None and t["dchi2"] >= DETECTABLE_DCHI2:
+                dt_te_det.append(d / t["tE"])
         bins = []
         for lo, hi in DCHI2_BINS:
             members = [o for o, t in by_id.items() if labels[o] == 1 and t.get("dchi2") is not None
@@ -166,15 +175,59 @@ def score(truth: list[dict], triggers: list[dict]) -> dict:
             "recall_by_dchi2": bins,
             "latency_ms": {**_quantiles(lat, LATENCY_PCT),
                            "max": float(lat.max()) if lat.size else None, "n": int(lat.size)},
-            "_dt_te": dt_te, "_latency": lat.tolist(),
+            "_dt_te": dt_te, "_latency": lat.tolist(), "_dt_te_det": dt_te_det,
         }
+    result["_n_binary_detectable"] = sum(1 for i, t in by_id.items() if labels[i] == 1
+                                         and t.get("dchi2") is not None and t["dchi2"] >= DETECTABLE_DCHI2)
     return result
+
+
+def read_consumer_summaries(paths) -> list[dict]:
+    """The JSON summaries ``ulens consume`` printed (its last line; one file per consumer,
+    or several JSON lines in one file). Lines that are not a summary are skipped."""
+    out: list[dict] = []
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            raise ReportError(f"consumer summary not found: {path}")
+        before = len(out)
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "alerts" in rec and "rule_seconds" in rec:
+                out.append(rec)
+        if len(out) == before:
+            raise ReportError(f"{path}: no consumer summary (the JSON line `ulens consume` prints)")
+    return out
+
+
+def cost(summaries: list[dict]) -> dict:
+    """Processing cost per alert: each rule's time, and the time all rules share, summed over
+    the consumers (a consumer group's members split the alerts). Pure."""
+    alerts = sum(int(s.get("alerts", 0)) for s in summaries)
+    busy = sum(float(s.get("busy_seconds", 0.0)) for s in summaries)
+    rules: dict[str, float] = {}
+    for s in summaries:
+        for r, sec in (s.get("rule_seconds") or {}).items():
+            rules[r] = rules.get(r, 0.0) + float(sec)
+    us = (lambda sec: 1e6 * sec / alerts if alerts else None)  # noqa: E731
+    return {"consumers": len(summaries), "alerts": alerts, "busy_seconds": busy,
+            "per_rule_us_per_alert": {r: us(sec) for r, sec in sorted(rules.items())},
+            "per_rule_seconds": dict(sorted(rules.items())),
+            "shared_us_per_alert": us(busy - sum(rules.values())),
+            "total_us_per_alert": us(busy)}
 
 
 def public(result: dict) -> dict:
     """The summary without the raw arrays kept for plotting."""
-    return {**result, "rules": {r: {k: v for k, v in d.items() if not k.startswith("_")}
-                                for r, d in result["rules"].items()}}
+    return {**{k: v for k, v in result.items() if not k.startswith("_")},
+            "rules": {r: {k: v for k, v in d.items() if not k.startswith("_")}
+                      for r, d in result["rules"].items()}}
 
 
 def _fmt(x, spec=".3f") -> str:
@@ -204,6 +257,16 @@ def render(result: dict) -> str:
         lat = r["latency_ms"]
         lines.append(f"  latency alert produced -> trigger produced (ms): p50 {_fmt(lat['p50'], '.1f')}  "
                      f"p95 {_fmt(lat['p95'], '.1f')}  p99 {_fmt(lat['p99'], '.1f')}  max {_fmt(lat['max'], '.1f')}")
+        c = result.get("cost")
+        if c is not None:
+            lines.append(f"  processing cost per alert: {_fmt(c['per_rule_us_per_alert'].get(rule), '.1f')} µs "
+                         f"in this rule (+ {_fmt(c['shared_us_per_alert'], '.1f')} µs shared by all rules)")
+    c = result.get("cost")
+    if c is not None:
+        lines.append(f"\nconsumer time: {c['alerts']} alerts by {c['consumers']} consumer(s), "
+                     f"{_fmt(c['total_us_per_alert'], '.1f')} µs per alert in all "
+                     + "".join(f", {r} {_fmt(v, '.1f')}" for r, v in c["per_rule_us_per_alert"].items())
+                     + f", shared {_fmt(c['shared_us_per_alert'], '.1f')}")
     return "\n".join(lines)
 
 
@@ -253,6 +316,26 @@ def plot(result: dict, folder: str | Path) -> list[Path]:
     ax.legend()
     out.append(folder / "recall_vs_dchi2.png")
     fig.tight_layout(); fig.savefig(out[-1], dpi=110); plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    x = np.linspace(-2.0, 3.0, 201)
+    n_bin, n_det = result["events"]["binary"], result.get("_n_binary_detectable", 0)
+    for rule, r in rules.items():
+        line = None
+        for arr, n, style, what in ((r["_dt_te"], n_bin, "-", "all binaries"),
+                                    (r.get("_dt_te_det", []), n_det, "--", "Δχ² ≥ 160")):
+            if not n:
+                continue
+            v = np.sort(np.asarray(arr, dtype=float))
+            y = np.searchsorted(v, x, side="right") / n
+            kw = {"color": line.get_color()} if line is not None else {}
+            line, = ax.plot(x, y, style, label=f"{rule}: {what}", **kw)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set(xlabel="decision time − t0 [t_E]", ylabel="completeness (share of binaries triggered by then)",
+           ylim=(0, 1.02), title="Completeness against decision time")
+    ax.legend(fontsize=8)
+    out.append(folder / "completeness_vs_decision_time.png")
+    fig.tight_layout(); fig.savefig(out[-1], dpi=110); plt.close(fig)
     return out
 
 
@@ -262,7 +345,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topic", default=None, help="trigger topic [config kafka.topics.triggers]")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
     p.add_argument("--plots", metavar="DIR", default=None,
-                   help="write decision_time.png, latency_cdf.png and recall_vs_dchi2.png here")
+                   help="write decision_time.png, latency_cdf.png, recall_vs_dchi2.png and "
+                        "completeness_vs_decision_time.png here")
+    p.add_argument("--consumer-summary", metavar="FILE", nargs="+", default=None,
+                   help="the JSON line(s) `ulens consume` printed (one file per consumer): adds the "
+                        "processing cost per alert of each rule")
     p.add_argument("--output", metavar="FILE", default=None, help="also write the JSON summary to FILE")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for Kafka")
 
@@ -273,6 +360,8 @@ def run(args: argparse.Namespace) -> int:
     truth = read_truth(args.truth)
     triggers = read_triggers(settings, args.topic, timeout=args.timeout)
     result = score(truth, triggers)
+    if args.consumer_summary:
+        result["cost"] = cost(read_consumer_summaries(args.consumer_summary))
     summary = public(result)
     if args.output:
         Path(args.output).write_text(json.dumps(summary, indent=2))

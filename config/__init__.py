@@ -139,16 +139,52 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
+class PsplFitSettings:
+    """The classical rule (``consumer.rule: pspl-fit | both``): see ``training.psplfit``."""
+    threshold: float = field(default=13.2, metadata=_rng(1.0, 1e9))
+    min_points: int = field(default=12, metadata=_rng(8, 100_000))
+    window_min: int = field(default=2, metadata=_rng(1, 256))
+    window_max: int = field(default=32, metadata=_rng(1, 256))
+    active_sigma: float = field(default=1.5, metadata=_rng(0.0, 1000.0))
+    event_dchi2: float = field(default=50.0, metadata=_rng(0.0, 1e9))
+    robust_c: float = field(default=2.0, metadata=_rng(0.1, 100.0))
+    fs_max: float = field(default=1.25, metadata=_rng(1.0, 100.0))
+    steps_per_point: int = field(default=1, metadata=_rng(1, 10))
+    refit_level: float = field(default=10.0, metadata=_rng(1.0, 1e9))
+    refit_cooldown: int = field(default=4, metadata=_rng(1, 100_000))
+    restart_growth: float = field(default=1.25, metadata=_rng(1.01, 100.0))
+    restart_keep: int = field(default=3, metadata=_rng(1, 64))
+    restart_iter: int = field(default=8, metadata=_rng(1, 100))
+
+    def __post_init__(self):
+        if self.window_min > self.window_max:
+            raise ConfigError(f"consumer.pspl_fit.window_min = {self.window_min} must be <= "
+                              f"window_max = {self.window_max}")
+        if self.threshold < self.refit_level:
+            raise ConfigError(f"consumer.pspl_fit.threshold = {self.threshold} must be >= "
+                              f"refit_level = {self.refit_level} (only refit-confirmed deviations fire)")
+
+
+RULES = ("tdcnn", "pspl-fit", "both")
+
+
+@dataclass(frozen=True)
 class ConsumerSettings:
     group: str = "ulens-broker"
     batch_size: int = field(default=2000, metadata=_rng(1, 1_000_000))
     poll_timeout_s: float = field(default=0.5, metadata=_rng(0.0, 60.0))
-    rule: str = field(default="tdcnn", metadata=_rng(choices=("tdcnn",)))
+    rule: str = field(default="tdcnn", metadata=_rng(choices=RULES))
     threshold: Optional[float] = field(default=None, metadata=_rng(0.0, 1.0))
     min_points: int = field(default=10, metadata=_rng(1, 100_000))
     device: str = field(default="auto", metadata=_rng(choices=("auto", "cpu", "cuda")))
     log_interval_s: float = field(default=5.0, metadata=_rng(0.1, 3600))
     metrics_port: Optional[int] = field(default=None, metadata=_rng(1, 65535))
+    pspl_fit: PsplFitSettings = PsplFitSettings()
+
+    @property
+    def rules(self) -> tuple[str, ...]:
+        """The decision rules this consumer runs: ``both`` = both, TD-CNN first."""
+        return ("tdcnn", "pspl-fit") if self.rule == "both" else (self.rule,)
 
 
 @dataclass(frozen=True)
@@ -238,7 +274,10 @@ def _build(cls, data: Any, prefix: str, src: str, base):
             values[name] = _build(hints[name], data[name], key, src, current)
         else:
             values[name] = _check_value(key, hints[name], data[name], dict(f.metadata), src)
-    return dataclasses.replace(base, **values)
+    try:
+        return dataclasses.replace(base, **values)
+    except ConfigError as exc:   # a cross-field check (__post_init__) of this section
+        raise ConfigError(f"{src}: {exc}") from None
 
 
 def _read_yaml(path: Path) -> dict:
@@ -273,6 +312,11 @@ def load(path: Optional[os.PathLike | str] = None, *, env: Optional[dict] = None
         sources.append(str(user_path))
 
     kafka_bs = env.get("ULENS_KAFKA_BOOTSTRAP") or settings.kafka.bootstrap_servers
+    if "@" in settings.redis.url.split("//", 1)[-1].split("/", 1)[0]:
+        # A password in a URL in a file is a secret in a file: only the environment may
+        # carry one (ULENS_REDIS_PASSWORD, or a full URL in ULENS_REDIS_URL).
+        raise ConfigError(f"{sources[-1]}: redis.url must not "
+                          "carry credentials; set env ULENS_REDIS_PASSWORD instead")
     redis_url = env.get("ULENS_REDIS_URL") or settings.redis.url
     if "auto" in (kafka_bs, redis_url):
         recorded = _recorded_endpoints(settings.services)

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-HELP = "evaluate a trained model on held-out events (metrics JSON + plots)"
+HELP = ("evaluate a trained model (or the classical PSPL-fit rule, or both side by side: --rule) "
+        "on held-out events (metrics JSON + plots)")
 
 FRACTIONS = (0.10, 0.25, 0.50, 0.67, 0.83, 1.00)
 TIME_CUTS = (("t0-tE", -1.0), ("t0-tE/2", -0.5), ("t0", 0.0), ("t0+tE/2", 0.5))
@@ -284,7 +285,16 @@ def _save(fig, path: Path) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="model artifact / training run folder")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="model artifact / training run folder (required for --rule tdcnn and both)")
+    p.add_argument("--rule", choices=("tdcnn", "pspl-fit", "both"), default="tdcnn",
+                   help="tdcnn: the model; pspl-fit: the classical PSPL-fit rule (consumer.pspl_fit of "
+                        "the config); both: side by side at equal PSPL firing rate "
+                        "(training/evaluate_rules.py)")
+    p.add_argument("--pspl-threshold", type=float, default=None, metavar="D",
+                   help="pspl-fit threshold (default: consumer.pspl_fit.threshold)")
+    p.add_argument("--false-rate", type=float, default=0.05, metavar="R",
+                   help="--rule both: share of PSPL events allowed to fire, for each rule's threshold")
     p.add_argument("--data", required=True, metavar="FILE", help="dataset .npz")
     p.add_argument("--split", choices=("test", "all"), default="test",
                    help="on the training file: its test split, or all events")
@@ -301,6 +311,12 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.num_threads)
+    if args.rule != "tdcnn":
+        from training import evaluate_rules
+
+        return evaluate_rules.run(args)
+    if args.model is None:
+        raise EvaluateError("--model is required with --rule tdcnn")
     from training.artifact import resolve_device
 
     s = evaluate(args.model, args.data, split=args.split, early_detection=args.early_detection,

@@ -75,3 +75,39 @@ def test_truth_errors(tmp_path):
     p.write_text('{"diaObjectId": 1}\nnot json\n')
     with pytest.raises(report.ReportError, match="t.jsonl:2"):
         report.read_truth(p)
+
+
+def test_completeness_against_decision_time_plot_per_rule(tmp_path):
+    res = report.score(truth(), [trig(7, 61090.0), trig(8, 61110.0), trig(9, 61120.0, rule="pspl-fit"),
+                                 trig(8, 61100.0, rule="pspl-fit")])
+    assert res["_n_binary_detectable"] == 3            # Δχ² 500, 5000, 20000
+    assert res["rules"]["pspl-fit"]["_dt_te_det"] == [pytest.approx(1.0), pytest.approx(0.0)]
+    paths = report.plot(res, tmp_path)
+    names = [p.name for p in paths]
+    assert "completeness_vs_decision_time.png" in names
+    assert (tmp_path / "completeness_vs_decision_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "_n_binary_detectable" not in report.public(res)
+
+
+def test_processing_cost_per_alert_per_rule(tmp_path):
+    a = {"alerts": 1000, "points": 1000, "busy_seconds": 2.0, "rule_seconds": {"tdcnn": 0.5, "pspl-fit": 1.0}}
+    b = {"alerts": 3000, "points": 3000, "busy_seconds": 6.0, "rule_seconds": {"tdcnn": 1.5, "pspl-fit": 3.0}}
+    f1, f2 = tmp_path / "c1.log", tmp_path / "c2.log"
+    f1.write_text("some log line\n" + json.dumps(a) + "\n")
+    f2.write_text(json.dumps(b) + "\n")
+    got = report.read_consumer_summaries([f1, f2])
+    c = report.cost(got)
+    assert c["alerts"] == 4000 and c["consumers"] == 2
+    assert c["per_rule_us_per_alert"]["tdcnn"] == pytest.approx(500.0)
+    assert c["per_rule_us_per_alert"]["pspl-fit"] == pytest.approx(1000.0)
+    assert c["shared_us_per_alert"] == pytest.approx(500.0)
+    assert c["total_us_per_alert"] == pytest.approx(2000.0)
+    res = report.score(truth(), [trig(7, 61090.0), trig(8, 61110.0, rule="pspl-fit")])
+    res["cost"] = c
+    text = report.render(res)
+    assert "processing cost per alert: 500.0 µs" in text and "1000.0 µs" in text
+    json.dumps(report.public(res))
+    bad = tmp_path / "bad.log"
+    bad.write_text("no summary here\n")
+    with pytest.raises(report.ReportError, match="no consumer summary"):
+        report.read_consumer_summaries([bad])

@@ -1,0 +1,355 @@
+"""Offline evaluation of the decision rules on a dataset, alone or side by side.
+
+``ulens evaluate --rule pspl-fit --data FILE``: the classical rule
+(:mod:`training.psplfit`, parameters from the config's ``consumer.pspl_fit``, the same
+function the broker runs point by point) over every event of the file, with the same
+summary figures as the TD-CNN's evaluation: ROC on the rule's event score (the largest
+statistic D where firing is allowed), recall in Δχ² bins, PSPL vs detectable binaries,
+decision time, a threshold sweep and (``--early-detection``) the score with data up to
+10..100% of each light curve and up to t0 - tE .. t0 + tE/2. The rule is causal (each
+point's D uses points 1..n only), so the running maximum of D over one pass *is* the
+cut-and-rerun score.
+
+``ulens evaluate --rule both --model DIR --data FILE``: both rules on the same events,
+each at the threshold where the same share of PSPL events fires (``--false-rate``,
+default 5%, thresholds fitted on this file's PSPL events: a matched-rate comparison, not
+a held-out threshold), and at their configured thresholds; completeness (all binaries
+and Δχ² >= 160), decision time, early detection, CPU time per point, and the plot
+``completeness_vs_decision_time.png`` (share of the binaries triggered by t0 + x tE).
+
+Per-point statistics are cached in the output folder (``pspl_fit_stats.npz``, keyed
+by the data file's SHA-256 and the rule's parameter version) so that sweeps and
+comparisons do not refit.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from training import psplfit
+from training.evaluate import FRACTIONS, SWEEP, TIME_CUTS, EvaluateError, _json, _plots, _save, _stats
+
+PSPL_SWEEP = (20.0, 25.0, 30.0, 40.0, 50.0, 60.0, 80.0, 100.0, 150.0, 250.0, 500.0, 1000.0)
+DT_GRID_TE = np.linspace(-2.0, 3.0, 101)
+
+
+def params_from_config(config_path=None, threshold: Optional[float] = None) -> psplfit.Params:
+    """The broker's pspl-fit parameters (``consumer.pspl_fit`` of the config)."""
+    from dataclasses import asdict
+
+    import config as cfg
+
+    kw = asdict(cfg.load(config_path).consumer.pspl_fit)
+    if threshold is not None:
+        kw["threshold"] = float(threshold)
+        kw["refit_level"] = min(kw["refit_level"], float(threshold))
+    return psplfit.Params(**kw)
+
+
+# --------------------------------------------------------------------------- scores
+def pspl_fit_stats(ds, events, params: psplfit.Params, cache: Optional[Path] = None,
+                   data_sha: str = "") -> tuple[list[np.ndarray], float]:
+    """D at every point of the events (and the CPU seconds it took, 0 when cached)."""
+    key = f"{data_sha}|{params.version}|{','.join(map(str, np.asarray(events).tolist()))}"
+    if cache is not None and cache.is_file():
+        with np.load(cache) as z:
+            if str(z["key"]) == key:
+                off = z["offsets"]
+                return [z["stats"][off[i]:off[i + 1]] for i in range(len(off) - 1)], float(z["cpu_s"])
+    curves = [ds.event(int(i)) for i in events]
+    t0 = time.process_time()
+    stats = psplfit.run_curves(curves, params)
+    cpu = time.process_time() - t0
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        lens = np.array([len(s) for s in stats])
+        np.savez(cache, key=key, stats=np.concatenate(stats) if stats else np.zeros(0),
+                 offsets=np.concatenate([[0], np.cumsum(lens)]), cpu_s=cpu)
+    return stats, cpu
+
+
+def tdcnn_running(art, ds, events) -> tuple[list[np.ndarray], float]:
+    """The TD-CNN's running event score per point (decision.running_score)."""
+    from training import decision
+    from training.evaluate import event_probs
+
+    t0 = time.process_time()
+    probs = event_probs(art, ds, events)
+    cpu = time.process_time() - t0
+    dec = art.decision
+    return [decision.running_score(p, dec["min_points"], dec["smooth_window"]) for p in probs], cpu
+
+
+def first_index(running: np.ndarray, thr: float) -> Optional[int]:
+    """First point where the running score reaches thr (running is non-decreasing)."""
+    j = int(np.searchsorted(running, thr, side="left"))
+    return j if j < len(running) else None
+
+
+# --------------------------------------------------------------------------- summary
+def summarize(name: str, ds, events, running: list, thr: float, early_detection: bool = True,
+              sweep=SWEEP) -> dict:
+    """The evaluation figures of one rule from its per-point running event score."""
+    from training import metrics
+
+    labels = ds.label[events].astype(int)
+    dchi2 = ds.params["dchi2"][events]
+    t0, tE = ds.params["t0"][events], ds.params["tE"][events]
+    scores = np.array([r[-1] if len(r) else -np.inf for r in running])
+    det = metrics.detectable_mask(labels, dchi2)
+    bin_det = det & (labels == 1)
+    s: dict = {"rule": name, "threshold": float(thr), "n_events": int(len(events)),
+               "n_pspl": int((labels == 0).sum()), "n_binary": int((labels == 1).sum())}
+    s["classification"] = metrics.classification(labels, scores, thr)
+    s["roc_auc"] = metrics.roc_auc(labels, scores)
+    s["pr_auc"] = metrics.pr_auc(labels, scores)
+    s["detectable"] = {
+        "dchi2_min": metrics.DETECTABLE_DCHI2, "n_binary": int(bin_det.sum()),
+        "roc_auc": metrics.roc_auc(labels[det], scores[det]),
+        "recall_at_threshold": float((scores[bin_det] >= thr).mean()) if bin_det.any() else None,
+        "pspl_firing_rate": float((scores[labels == 0] >= thr).mean()) if (labels == 0).any() else None}
+    from training import decision
+    if (labels == 0).any() and bin_det.any():
+        for rate in (0.05, 0.01):
+            th = decision.threshold_for_false_rate(scores[labels == 0], rate)
+            s["detectable"][f"recall_at_{int(rate * 100)}pct_test_pspl_firing"] = \
+                float((scores[bin_det] >= th).mean())
+    s["recall_by_dchi2"] = metrics.recall_by_dchi2(labels, scores, dchi2, thr)
+    dt_days = _decision_days(ds, events, running, thr, t0)
+    s["decision_time"] = {
+        "binary_detectable_days": _stats(dt_days[bin_det]), "binary_detectable_tE": _stats((dt_days / tE)[bin_det]),
+        "binary_all_tE": _stats((dt_days / tE)[labels == 1]),
+        "pspl_false_trigger_tE": _stats((dt_days / tE)[labels == 0]),
+        "fraction_detectable_fired_before_t0": float(np.mean(np.nan_to_num(dt_days[bin_det], nan=np.inf) < 0))
+        if bin_det.any() else None}
+    rows = []
+    for th in sorted(set(sweep) | {round(float(thr), 6)}):
+        c = metrics.classification(labels, scores, th)
+        d = _decision_days(ds, events, running, th, t0)
+        fd = (d / tE)[bin_det]
+        fd = fd[np.isfinite(fd)]
+        rows.append({"threshold": th, "precision": c["precision"], "recall": c["recall"], "f1": c["f1"],
+                     "pspl_firing_rate": c["pspl_firing_rate"],
+                     "recall_detectable": float((scores[bin_det] >= th).mean()) if bin_det.any() else None,
+                     "median_decision_time_tE_detectable": float(np.median(fd)) if len(fd) else None})
+    s["threshold_sweep"] = rows
+    if early_detection:
+        s["early_detection"] = _early(ds, events, running, thr, labels, det, bin_det, t0, tE)
+    s["_arrays"] = {"labels": labels, "scores": scores, "det": det, "bin_det": bin_det,
+                    "dt_tE": dt_days / tE, "dchi2": dchi2}
+    return s
+
+
+def _decision_days(ds, events, running, thr, t0) -> np.ndarray:
+    out = np.full(len(events), np.nan)
+    for k, (i, r) in enumerate(zip(events, running)):
+        j = first_index(r, thr)
+        if j is not None:
+            out[k] = ds.event(int(i))[0][j] - t0[k]
+    return out
+
+
+def _early(ds, events, running, thr, labels, det, bin_det, t0, tE) -> list[dict]:
+    from training import metrics
+
+    rows = []
+    cuts = [(f"{int(round(f * 100))}%", lambda n, k, f=f: int(np.ceil(f * n))) for f in FRACTIONS]
+    cuts += [(name, lambda n, k, c=c: int(np.searchsorted(ds.event(int(events[k]))[0],
+                                                           t0[k] + c * tE[k], side="right")))
+             for name, c in TIME_CUTS]
+    for name, cut in cuts:
+        s = np.empty(len(events))
+        for k, r in enumerate(running):
+            n = cut(len(r), k)
+            s[k] = r[n - 1] if n >= 1 else -np.inf
+        fired = s >= thr
+        rows.append({"cut": name, "roc_auc": metrics.roc_auc(labels, s),
+                     "roc_auc_detectable": metrics.roc_auc(labels[det], s[det]),
+                     "recall_detectable": float(fired[bin_det].mean()) if bin_det.any() else None,
+                     "recall": float(fired[labels == 1].mean()) if (labels == 1).any() else None,
+                     "pspl_firing_rate": float(fired[labels == 0].mean()) if (labels == 0).any() else None})
+    return rows
+
+
+def public(s: dict) -> dict:
+    return {k: v for k, v in s.items() if not k.startswith("_")}
+
+
+def completeness_curve(summary: dict, which: str = "bin_det") -> np.ndarray:
+    """Share of the binaries (``bin_det``: Δχ² >= 160; ``binary``: all) triggered by
+    t0 + x tE, for x in DT_GRID_TE."""
+    a = summary["_arrays"]
+    sel = a["bin_det"] if which == "bin_det" else a["labels"] == 1
+    dt = np.nan_to_num(a["dt_tE"][sel], nan=np.inf)
+    if not len(dt):
+        return np.zeros_like(DT_GRID_TE)
+    return np.array([(dt <= x).mean() for x in DT_GRID_TE])
+
+
+# --------------------------------------------------------------------------- commands
+def evaluate_pspl_fit(data, params: psplfit.Params, output, early_detection: bool = True,
+                      plots: bool = True) -> dict:
+    from training import dataset as dataset_mod
+    from training.train import file_sha256
+
+    data_path = Path(data)
+    ds = dataset_mod.load(data_path)
+    events = np.arange(ds.n_events)
+    if not len(events):
+        raise EvaluateError(f"{data_path}: no events to evaluate")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    stats, cpu = pspl_fit_stats(ds, events, params, out / "pspl_fit_stats.npz", file_sha256(data_path))
+    running = [psplfit.running_score(x) for x in stats]
+    s = summarize(psplfit.RULE, ds, events, running, params.threshold, early_detection,
+                  sweep=PSPL_SWEEP)
+    n_points = int(sum(len(x) for x in stats))
+    summary = {"rule": psplfit.RULE, "params": {**params.__dict__, "version": params.version},
+               "data": {"path": str(data_path), "n_events": int(ds.n_events), "meta": ds.meta,
+                        "split": "all"},
+               "score": "event score = max over points (>= min_points, event active) of the PSPL-fit "
+                        "statistic D (training/psplfit.py)",
+               "cpu": {"points": n_points, "seconds": cpu, "us_per_point": 1e6 * cpu / max(n_points, 1)
+                       if cpu else None},
+               **{k: v for k, v in public(s).items() if k != "rule"}, "output": str(out)}
+    if plots:
+        a = s["_arrays"]
+        summary["plots"] = _plots(out, a["labels"], a["scores"], a["det"], a["bin_det"], a["dt_tE"],
+                                  a["dchi2"], params.threshold, summary.get("early_detection"))
+    (out / "evaluation_summary.json").write_text(json.dumps(summary, indent=2, default=_json) + "\n")
+    return summary
+
+
+def compare(model_dir, data, params: psplfit.Params, output, rate: float = 0.05,
+            device: str = "cpu", early_detection: bool = True, plots: bool = True) -> dict:
+    """Both rules on the same events, at equal PSPL firing rate and at their own thresholds."""
+    from training import dataset as dataset_mod
+    from training import decision
+    from training.artifact import load_artifact
+    from training.evaluate import select_events
+    from training.train import file_sha256
+
+    model_dir, data_path = Path(model_dir), Path(data)
+    art = load_artifact(model_dir, device=device)
+    ds = dataset_mod.load(data_path)
+    events, chosen = select_events(model_dir, art.card, data_path, ds, "test")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    run_td, cpu_td = tdcnn_running(art, ds, events)
+    stats, cpu_pf = pspl_fit_stats(ds, events, params, out / "pspl_fit_stats.npz", file_sha256(data_path))
+    run_pf = [psplfit.running_score(x) for x in stats]
+    labels = ds.label[events].astype(int)
+    n_points = int(sum(len(x) for x in stats))
+    result: dict = {"data": {"path": str(data_path), "n_events": int(len(events)), **chosen,
+                             "seed": ds.meta.get("seed"), "parameter_set": ds.meta.get("parameter_set")},
+                    "false_rate": rate, "rules": {}, "model": {"dir": str(model_dir), "version": art.version},
+                    "pspl_fit_params": {**params.__dict__, "version": params.version}}
+    curves = {}
+    for name, running, own_thr, cpu in (("tdcnn", run_td, art.threshold, cpu_td),
+                                        (psplfit.RULE, run_pf, params.threshold, cpu_pf)):
+        scores = np.array([r[-1] if len(r) else -np.inf for r in running])
+        thr = decision.threshold_for_false_rate(scores[labels == 0], rate)
+        matched = summarize(name, ds, events, running, thr, early_detection)
+        own = summarize(name, ds, events, running, own_thr, early_detection=False)
+        curves[name] = (completeness_curve(matched), completeness_curve(matched, "binary"))
+        result["rules"][name] = {
+            "matched_rate": _headline(matched), "own_threshold": _headline(own),
+            "cpu_us_per_point": 1e6 * cpu / max(n_points, 1) if cpu else None,
+            "cpu_note": ("full-curve batched forward pass offline (not the broker's cost per alert)"
+                         if name == "tdcnn" else "the broker's per-point function, run offline"),
+            "detail_matched_rate": public(matched)}
+    result["completeness_vs_decision_time"] = {
+        "x_tE": DT_GRID_TE.tolist(),
+        **{name: {"detectable": c[0].tolist(), "all_binaries": c[1].tolist()} for name, c in curves.items()}}
+    if plots:
+        result["plots"] = [plot_completeness(out / "completeness_vs_decision_time.png", curves, rate)]
+    (out / "comparison.json").write_text(json.dumps(result, indent=2, default=_json) + "\n")
+    return result
+
+
+def _headline(s: dict) -> dict:
+    d = s["decision_time"]
+    c = s["classification"]
+    return {"threshold": s["threshold"], "pspl_firing_rate": c["pspl_firing_rate"],
+            "completeness_all": c["recall"], "completeness_detectable": s["detectable"]["recall_at_threshold"],
+            "purity": c["precision"], "roc_auc": s["roc_auc"], "roc_auc_detectable": s["detectable"]["roc_auc"],
+            "median_decision_days_detectable": d["binary_detectable_days"].get("median"),
+            "median_decision_tE_detectable": d["binary_detectable_tE"].get("median"),
+            "fraction_detectable_fired_before_t0": d["fraction_detectable_fired_before_t0"],
+            "recall_by_dchi2": s["recall_by_dchi2"]}
+
+
+def plot_completeness(path: Path, curves: dict, rate: float) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, (det, allb) in curves.items():
+        line, = ax.plot(DT_GRID_TE, det, label=f"{name}: Δχ² ≥ 160")
+        ax.plot(DT_GRID_TE, allb, ls="--", color=line.get_color(), label=f"{name}: all binaries")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set(xlabel="decision time − t0 [t_E]", ylabel="share of binaries triggered by then",
+           ylim=(0, 1.02), title=f"Completeness against decision time ({rate:.0%} of PSPL events fire)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def run(args) -> int:
+    """`ulens evaluate --rule pspl-fit|both` (called from training.evaluate.run)."""
+    params = params_from_config(args.config, args.pspl_threshold)
+    if args.rule == psplfit.RULE:
+        out = args.output or str(Path("results") / f"pspl-fit_{Path(args.data).stem}")
+        s = evaluate_pspl_fit(args.data, params, out, early_detection=args.early_detection)
+        if args.json:
+            print(json.dumps(s, indent=2, default=_json))
+        else:
+            d, c = s["detectable"], s["classification"]
+            print(f"pspl-fit {params.version}: {s['n_events']} events: ROC AUC {_f(s['roc_auc'])}; at "
+                  f"threshold {c['threshold']:.1f}: precision {c['precision']:.3f}, recall {c['recall']:.3f}, "
+                  f"PSPL firing {c['pspl_firing_rate']:.3f}")
+            print(f"PSPL vs Δχ² >= 160 binaries ({d['n_binary']}): ROC AUC {_f(d['roc_auc'])}, recall "
+                  f"{_f(d['recall_at_threshold'])}; CPU {_f(s['cpu']['us_per_point'], '.0f')} µs/point")
+            print(f"wrote {s['output']}", file=sys.stderr)
+        return 0
+    if args.model is None:
+        raise EvaluateError("--rule both needs --model (the TD-CNN artifact)")
+    from training.artifact import resolve_device
+
+    out = args.output or str(Path("results") / f"compare_{Path(args.data).stem}")
+    r = compare(args.model, args.data, params, out, rate=args.false_rate,
+                device=str(resolve_device(args.device)), early_detection=args.early_detection)
+    if args.json:
+        print(json.dumps(r, indent=2, default=_json))
+    else:
+        print(render_comparison(r))
+        print(f"wrote {out}/comparison.json", file=sys.stderr)
+    return 0
+
+
+def render_comparison(r: dict) -> str:
+    lines = [f"{r['data']['n_events']} events of {r['data']['path']}; thresholds at "
+             f"{r['false_rate']:.0%} PSPL firing (fitted on these PSPL events) and each rule's own",
+             f"{'rule':<10}{'threshold':>11}{'PSPL fire':>10}{'compl. all':>11}{'Δχ²≥160':>9}"
+             f"{'AUC≥160':>9}{'med dt [d]':>11}{'med dt [tE]':>12}{'µs/pt':>8}"]
+    for name, d in r["rules"].items():
+        for tag in ("matched_rate", "own_threshold"):
+            h = d[tag]
+            lines.append(f"{name + ('' if tag == 'matched_rate' else '*'):<10}{h['threshold']:>11.3f}"
+                         f"{_f(h['pspl_firing_rate'], '.3f'):>10}{_f(h['completeness_all'], '.3f'):>11}"
+                         f"{_f(h['completeness_detectable'], '.3f'):>9}{_f(h['roc_auc_detectable'], '.3f'):>9}"
+                         f"{_f(h['median_decision_days_detectable'], '.1f'):>11}"
+                         f"{_f(h['median_decision_tE_detectable'], '.2f'):>12}"
+                         f"{_f(d['cpu_us_per_point'], '.0f'):>8}")
+    lines.append("* at the rule's own threshold (TD-CNN: model card; pspl-fit: consumer.pspl_fit.threshold)")
+    return "\n".join(lines)
+
+
+def _f(v, spec: str = ".4f") -> str:
+    return "n/a" if v is None else format(v, spec)

@@ -1,0 +1,769 @@
+"""The classical anomaly detector: a robust PSPL fit updated with every new point.
+
+This is the rule follow-up teams have run for years (SIGNALMEN/ARTEMiS refit a
+point-source point-lens model as each point arrives and flag data that deviate from
+it; RTModel and KMTNet's finders judge deviations by a Δχ² threshold). Pure numpy, no
+I/O: the broker (``broker.rule_psplfit``) and the offline evaluation
+(``training.evaluate_rules``) call the same :func:`advance`, so a light curve fed point
+by point through the stream and the whole light curve fed at once go through the same
+per-point arithmetic.
+
+Model and fit (per event)
+-------------------------
+Flux relative to the event's first point, ``F = 10**(-0.4 (m - m_ref))``, modelled as
+``F(t) = a A(t; t0, u0, tE) + b`` (``a`` source flux >= 0, ``b`` blend with
+``a/(a+b) <= fs_max``: bounded negative blending, which removes the rising-wing
+degeneracy u0 -> large, a -> inf, b -> -inf): the fluxes are solved in closed form for
+every (t0, ln u0, ln tE) ("variable projection", as ``training.detectability``); only
+the three non-linear parameters are iterated.
+
+* Likelihood: the errors are Gaussian in magnitude, so each point's flux error is
+  ``sigma_F = 0.921 sigma_m F_model`` with the *model* flux of the current iterate
+  (iteratively re-weighted: the fit converges to the magnitude-space least squares, not
+  to the flux one that over-weights faint fluctuations).
+* Robust loss: soft-L1 on the (first-order) magnitude residual z, IRLS weights
+  ``1/sqrt(1 + (z/(c s))^2)``; ``s`` is the event's error scale, estimated without the
+  model from the scatter of consecutive points (:func:`error_scale`, at least 1),
+  re-estimated at each multi-start refit: under-estimated errors do not make every point
+  an anomaly, and the anomaly itself (a bad PSPL fit) cannot inflate the scale and hide.
+* Warm start: each new point costs ``steps_per_point`` Levenberg-Marquardt steps from
+  the previous solution (VarPro Gauss-Newton matrix, Kaufman's approximation; a step is
+  kept only if the weighted chi^2 falls, else the damping grows).
+* Cheap path: where the current model is not magnified at the newest point (by
+  ``min(1, active_sigma/2)`` sigma) and no window of newest points deviates from it by
+  ``refit_level``, the point cannot fire; it costs O(window) and the fit is left as it
+  is (most of a 1,000-day light curve is baseline).
+* Multi-start refit ("refit when the fit is poor"): a grid of 64 starts (t0 at the
+  brightest 3-point run, and 3, 15 and 50 days after the newest point, for rising events;
+  u0 0.03/0.1/0.3/1; tE 5/15/40/100 d), ranked by robust cost on a subsample (the newest
+  32 points and every r-th older one), the best ``restart_keep`` refined there by
+  ``restart_iter`` LM steps; the two best and the current solution then get
+  ``FINE_ITER`` steps on all points and the lowest robust cost wins. It runs at the
+  first fit (``min_points``), on tracked points when the number of points has grown by
+  ``restart_growth`` since the last one, and whenever the statistic reaches
+  ``refit_level`` (at most every ``refit_cooldown`` points).
+* Confirmation: a statistic above ``refit_level`` counts only at a point where such a
+  refit has just recomputed it (elsewhere it is capped at ``refit_level``, so
+  ``threshold >= refit_level``): a deviation is believed only when the best PSPL found
+  from many starts still fails to explain it (a stuck local fit is not an anomaly).
+
+Decision statistic
+------------------
+At point n, from the solution of points 1..n-1 with point n added, for each window W of
+the newest k points, k in ``windows`` (powers of two ``window_min .. window_max``), the
+Δχ² of a free flux offset over W on top of the PSPL (a one-parameter "free residual"
+alternative, so every window's Δχ² is chi^2 with 1 degree of freedom under the null
+and the windows can be compared), in its Gauss-Newton form, exact for a linearised
+model whether or not the fit has converged on the new point::
+
+    T_W   = sum_W r_i / sigma_i^2 - g_W' I^-1 grad     (r = F - F_model)
+    V_W   = sum_W 1 / sigma_i^2   - g_W' I^-1 g_W      (what the fit cannot absorb)
+    Δχ²_W = T_W^2 / V_W / s^2
+
+with ``g_W = sum_W psi_i J_i / sigma_i^2``, ``I = sum psi_i J_i J_i' / sigma_i^2`` the
+(robust) information of the five PSPL parameters (J = dF/d(t0, ln u0, ln tE, a, b)) and
+``grad`` the fit's gradient over all points: the leverage terms stop a young event, whose
+PSPL is still free to bend, from calling its own newest points anomalous, and a fit one
+LM step behind from calling its own lag an anomaly. ``D_n = max_W Δχ²_W``.
+
+The event is *active* at n when (i) the PSPL amplitude is significant,
+``a^2 / var(a) >= event_dchi2`` (the Δχ² of the fit against a constant flux at fixed
+t0, u0, tE), and (ii) the model is significantly magnified at the newest point,
+``a (A(t_n) - 1) >= active_sigma s sigma_n``. Points before ``min_points`` or not active
+get ``D_n = -inf``. The event fires at the first point with ``D_n >= threshold``; its
+score (ROC curves, threshold choice) is ``max_n D_n``, so it fires at threshold
+``thr`` exactly when its score is ``>= thr`` (as ``training.decision`` for the TD-CNN),
+for any ``thr >= refit_level``: the trajectory of the fit does not depend on the threshold.
+
+Determinism: :func:`advance` processes points one at a time, so the result does not
+depend on how the stream was batched. Events are vectorised in groups padded to a
+canonical length (``pad_length(n)``, a multiple of ``PAD``), and every reduction is a
+row sum over that length, so one event's arithmetic does not depend on which other
+events share its batch (tests/unit/test_psplfit.py checks bit equality).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+RULE = "pspl-fit"
+FORMAT_VERSION = 1
+PAD = 128                     # canonical padded lengths are multiples of this
+K_MAG = math.log(10.0) / 2.5  # sigma_F = K_MAG sigma_m F
+
+LN_U0 = (math.log(1e-4), math.log(5.0))
+LN_TE = (math.log(0.5), math.log(2000.0))
+LAM_MIN, LAM_MAX = 1e-7, 1e7
+FLUX_FLOOR = 1e-6
+FINE_ITER = 3                 # LM steps on all points after the coarse multi-start pass
+
+GRID_U0 = (0.03, 0.1, 0.3, 1.0)
+GRID_TE = (5.0, 15.0, 40.0, 100.0)
+GRID_T0_AFTER = (3.0, 15.0, 50.0)  # days after the newest point (rising events)
+
+# state flags
+HAS_REF, HAS_FIT, TRIGGERED = 1, 2, 4
+
+STATE = np.dtype([
+    ("version", "u1"), ("flags", "u1"), ("reserved", "<u2"),
+    ("n_done", "<u4"),        # points processed (global count: indices 0..n_done-1)
+    ("n_restart", "<u4"),     # n at the last multi-start fit
+    ("n_refit", "<u4"),       # n at the last candidate-triggered refit
+    ("t_ref", "<f8"), ("m_ref", "<f8"),
+    ("t0", "<f8"), ("lu0", "<f8"), ("lte", "<f8"), ("a", "<f8"), ("b", "<f8"),
+    ("lam", "<f8"), ("scale", "<f8"),
+    ("last", "<f8"),          # D at the newest point (-inf when not eligible)
+    ("best", "<f8"),          # running max of D: the event score so far
+])
+
+
+class PsplFitError(ValueError):
+    """Bad rule parameters (the message names the parameter)."""
+
+
+@dataclass(frozen=True)
+class Params:
+    threshold: float = 13.2
+    min_points: int = 12
+    window_min: int = 2
+    window_max: int = 32
+    active_sigma: float = 1.5
+    event_dchi2: float = 50.0
+    robust_c: float = 2.0
+    steps_per_point: int = 1
+    refit_level: float = 10.0
+    refit_cooldown: int = 4
+    restart_growth: float = 1.25
+    restart_keep: int = 3
+    restart_iter: int = 8
+    fs_max: float = 1.25
+
+    def __post_init__(self):
+        checks = (("threshold", self.threshold > 0), ("min_points", self.min_points >= 8),
+                  ("window_min", 1 <= self.window_min <= self.window_max),
+                  ("window_max", 1 <= self.window_max <= 256),
+                  ("active_sigma", self.active_sigma >= 0), ("event_dchi2", self.event_dchi2 >= 0),
+                  ("robust_c", self.robust_c > 0), ("steps_per_point", 1 <= self.steps_per_point <= 10),
+                  ("refit_level", self.refit_level > 0), ("refit_cooldown", self.refit_cooldown >= 1),
+                  ("restart_growth", self.restart_growth > 1.0), ("restart_keep", self.restart_keep >= 1),
+                  ("restart_iter", 1 <= self.restart_iter <= 100), ("fs_max", self.fs_max >= 1.0))
+        for name, ok in checks:
+            if not ok:
+                raise PsplFitError(f"pspl-fit parameter {name} = {getattr(self, name)!r} is out of range")
+        if self.threshold < self.refit_level:
+            raise PsplFitError(f"pspl-fit threshold {self.threshold} must be >= refit_level "
+                               f"{self.refit_level} (only refit-confirmed deviations may fire)")
+
+    @property
+    def kappa(self) -> float:
+        """The blend bound b >= -kappa a that keeps a/(a+b) <= fs_max."""
+        return 1.0 - 1.0 / self.fs_max
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        out, k = [], 1
+        while k <= self.window_max:
+            if k >= self.window_min:
+                out.append(k)
+            k *= 2
+        return tuple(out) or (self.window_min,)
+
+    def state_params(self) -> dict:
+        """Everything that changes the fit's trajectory (not the threshold)."""
+        d = asdict(self)
+        d.pop("threshold")
+        return d
+
+    @property
+    def version(self) -> str:
+        """``pspl-fit/1-<hash>``: the trigger's modelVersion; the hash covers every parameter
+        but the threshold, so a saved state is only continued with the parameters that
+        produced it (see :func:`state_key_suffix`)."""
+        h = hashlib.sha256(json.dumps(self.state_params(), sort_keys=True).encode()).hexdigest()[:8]
+        return f"{RULE}/{FORMAT_VERSION}-{h}"
+
+
+# --------------------------------------------------------------------------- state
+def new_state(n: int) -> np.ndarray:
+    s = np.zeros(n, dtype=STATE)
+    s["version"] = FORMAT_VERSION
+    s["lam"] = 1e-3
+    s["scale"] = 1.0
+    s["last"] = -np.inf
+    s["best"] = -np.inf
+    return s
+
+
+def pack_state(s: np.ndarray) -> bytes:
+    return np.ascontiguousarray(s, dtype=STATE).tobytes()
+
+
+def unpack_state(raw: Optional[bytes]) -> np.ndarray:
+    """One event's state from its packed bytes (a fresh state for None/empty)."""
+    if not raw:
+        return new_state(1)[0]
+    if len(raw) != STATE.itemsize:
+        raise PsplFitError(f"pspl-fit state of {len(raw)} bytes, expected {STATE.itemsize}")
+    s = np.frombuffer(raw, dtype=STATE)[0].copy()
+    if s["version"] != FORMAT_VERSION:
+        raise PsplFitError(f"pspl-fit state version {s['version']}, this code reads {FORMAT_VERSION}")
+    return s
+
+
+def pad_length(n: int) -> int:
+    return max(PAD, -(-int(n) // PAD) * PAD)
+
+
+# --------------------------------------------------------------------------- physics
+def _model(t, t0, lu0, lte, derivs: bool):
+    """A (and dA/dt0, dA/dln u0, dA/dln tE) for rows of t (..., L) and column params."""
+    u0 = np.exp(lu0)
+    te = np.exp(lte)
+    tau = (t - t0) / te
+    u2 = u0 * u0 + tau * tau
+    u = np.sqrt(u2)
+    s4 = np.sqrt(u2 + 4.0)
+    A = (u2 + 2.0) / (u * s4)
+    if not derivs:
+        return A, None
+    g = -8.0 / (u2 * u * s4 * (u2 + 4.0))
+    return A, (g * (-tau / te), g * (u0 * u0), -(g * tau * tau))
+
+
+def _mag_model(a, b, A):
+    return -2.5 * np.log10(np.maximum(a * A + b, FLUX_FLOOR))
+
+
+def _linear(Sw, SA, SAA, SF, SAF, SFF, kappa):
+    """Closed-form fluxes per row under a >= 0 and b >= -kappa a (source fraction
+    a/(a+b) <= fs_max, kappa = 1 - 1/fs_max): the unconstrained optimum when feasible,
+    else the better of the two boundaries (b = -kappa a; a = 0, a constant flux).
+    Returns (a, b, chi2_w, flat); chi2_w = SFF - a SAF - b SF holds at each optimum."""
+    det = SAA * Sw - SA * SA
+    detok = det > 0
+    sdet = np.where(detok, det, 1.0)
+    a = (SAF * Sw - SA * SF) / sdet
+    b = (SAA * SF - SA * SAF) / sdet
+    free = detok & (a > 0) & (b >= -kappa * a)
+    den = SAA - 2.0 * kappa * SA + kappa * kappa * Sw
+    denok = den > 0
+    ab = (SAF - kappa * SF) / np.where(denok, den, 1.0)
+    okb = denok & (ab > 0)
+    ab = np.where(okb, ab, 0.0)
+    bf = SF / np.where(Sw > 0, Sw, 1.0)
+    chi_b = SFF - ab * (SAF - kappa * SF)
+    chi_f = SFF - bf * SF
+    use_b = okb & (chi_b < chi_f)
+    a_out = np.where(free, a, np.where(use_b, ab, 0.0))
+    b_out = np.where(free, b, np.where(use_b, -kappa * ab, bf))
+    chi = np.where(free, SFF - a * SAF - b * SF, np.where(use_b, chi_b, chi_f))
+    return a_out, b_out, chi, ~(a_out > 0)
+
+
+def _chi2w(Sw, SA, SAA, SF, SAF, SFF, a, b):
+    return SFF - 2 * a * SAF - 2 * b * SF + a * a * SAA + 2 * a * b * SA + b * b * Sw
+
+
+def _solve3(H, g):
+    """Cramer's rule on stacked 3x3 systems (elementwise numpy: per-row deterministic)."""
+    (a, b, c), (d, e, f), (gg, h, i) = H
+    co0, co1, co2 = e * i - f * h, f * gg - d * i, d * h - e * gg
+    det = a * co0 + b * co1 + c * co2
+    ok = (det != 0) & np.isfinite(det)
+    det = np.where(ok, det, 1.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        x = (g[0] * co0 + b * (f * g[2] - g[1] * i) + c * (g[1] * h - e * g[2])) / det
+        y = (a * (g[1] * i - f * g[2]) + g[0] * (f * gg - d * i) + c * (d * g[2] - g[1] * gg)) / det
+        z = (a * (e * g[2] - g[1] * h) + b * (g[1] * gg - d * g[2]) + g[0] * (d * h - e * gg)) / det
+    ok &= np.isfinite(x) & np.isfinite(y) & np.isfinite(z)
+    return np.where(ok, x, 0.0), np.where(ok, y, 0.0), np.where(ok, z, 0.0)
+
+
+class _Rows:
+    """Data of a group of events at one step: (B, L) arrays plus validity. Columns at and
+    beyond ``n`` are finite filler (later points, or the last point repeated) with weight 0:
+    they never change a sum, so a row's results depend only on its valid points and L."""
+
+    def __init__(self, t, m, e, n, F=None, valid=None, last=None):
+        self.t, self.m, self.e, self.n = t, m, e, n          # t, m relative to the refs
+        L = t.shape[-1]
+        self.valid = (np.arange(L)[None, :] < n[:, None]).astype(np.float64) if valid is None else valid
+        self.F = np.power(10.0, -0.4 * m) if F is None else F
+        self.last = n - 1 if last is None else last
+
+    def subsample(self, dense: int = 32, target: int = 160) -> "_Rows":
+        """The newest ``dense`` points and every r-th older one (r set by the padded
+        length only, so the choice depends on the row's own n and L): for ranking and
+        coarse refinement of the multi-start."""
+        L = self.t.shape[-1]
+        r = max(1, -(-L // target))
+        offs = np.concatenate([np.arange(dense), dense + r * np.arange(-(-max(L - dense, 0) // r))])
+        idx = self.last[:, None] - offs[None, ::-1]                    # ascending time
+        ok = idx >= 0
+        idx = np.maximum(idx, 0)
+        rows = np.arange(len(self.n))[:, None]
+        return _Rows(self.t[rows, idx], self.m[rows, idx], self.e[rows, idx], ok.sum(1),
+                     self.F[rows, idx], ok.astype(np.float64), np.full(len(self.n), len(offs) - 1))
+
+    def take(self, idx):
+        r = _Rows.__new__(_Rows)
+        r.t, r.m, r.e, r.n = self.t[idx], self.m[idx], self.e[idx], self.n[idx]
+        r.valid, r.F, r.last = self.valid[idx], self.F[idx], self.last[idx]
+        return r
+
+
+def _col(x):
+    return np.asarray(x, dtype=np.float64)[:, None]
+
+
+def _weights(R: _Rows, A, a, b, scale, c):
+    """IRLS weights psi / sigma_F^2 at the model a A + b (sigma_F from the model flux)."""
+    Fm = np.maximum(_col(a) * A + _col(b), FLUX_FLOOR)
+    sF = K_MAG * R.e * Fm
+    zc = (R.F - Fm) / (sF * (c * _col(scale)))       # first-order magnitude residual / (c s)
+    return R.valid / (sF * sF * np.sqrt(1.0 + zc * zc))
+
+
+def _sums(R: _Rows, w, A, D):
+    """Every weighted sum of products of (A, dA/dtheta, 1, F): one batched matrix product
+    per row (each row's product is computed alone: batch-independent). Returns the
+    (B, 6, 6) matrix M (order A, dA/dt0, dA/dln u0, dA/dln tE, 1, F) and named views."""
+    B, L = A.shape
+    X = np.empty((B, 6, L))
+    X[:, 0], X[:, 1], X[:, 2], X[:, 3], X[:, 4], X[:, 5] = A, D[0], D[1], D[2], 1.0, R.F
+    M = (X * w[:, None, :]) @ X.transpose(0, 2, 1)
+    S = {"M": M, "w": M[:, 4, 4], "A": M[:, 0, 4], "AA": M[:, 0, 0], "F": M[:, 5, 4], "AF": M[:, 0, 5],
+         "FF": M[:, 5, 5], "D": [M[:, 1 + j, 4] for j in range(3)],
+         "DA": [M[:, 1 + j, 0] for j in range(3)], "DF": [M[:, 1 + j, 5] for j in range(3)],
+         "DD": [[M[:, 1 + min(j, k), 1 + max(j, k)] for k in range(3)] for j in range(3)]}
+    return S
+
+
+class _Point:
+    """A solution and the weighted sums at it (the LM step and the statistic share them)."""
+
+    def __init__(self, R, th, a, b, scale, p: Params):
+        self.th = th                                   # (t0, lu0, lte) arrays
+        A, D = _model(R.t, _col(th[0]), _col(th[1]), _col(th[2]), True)
+        self.w = _weights(R, A, a, b, scale, p.robust_c)
+        self.S = S = _sums(R, self.w, A, D)
+        M = S["M"]
+        Sw, SA, SAA = S["w"], S["A"], S["AA"]
+        self.a, self.b, self.chi, self.flat = _linear(Sw, SA, SAA, S["F"], S["AF"], S["FF"], p.kappa)
+        a, b = self.a, self.b
+        det = SAA * Sw - SA * SA
+        sdet = np.where(det > 0, det, 1.0)
+        DA, Dv, DF = M[:, 1:4, 0], M[:, 1:4, 4], M[:, 1:4, 5]                  # (B, 3)
+        DD = np.triu(M[:, 1:4, 1:4])
+        DD = DD + np.triu(DD, 1).transpose(0, 2, 1)                             # symmetric
+        o = (Sw[:, None, None] * DA[:, :, None] * DA[:, None, :]
+             - SA[:, None, None] * (DA[:, :, None] * Dv[:, None, :] + Dv[:, :, None] * DA[:, None, :])
+             + SAA[:, None, None] * Dv[:, :, None] * Dv[:, None, :])
+        self.H = (a * a)[:, None, None] * (DD - o / sdet[:, None, None])        # (B, 3, 3)
+        # -1/2 d chi2 / d(t0, ln u0, ln tE, a, b) at (a, b): the last two vanish unless a
+        # flux constraint is active
+        g3 = a[:, None] * (DF - a[:, None] * DA - b[:, None] * Dv)
+        self.grad = [g3[:, 0], g3[:, 1], g3[:, 2], S["AF"] - a * SAA - b * SA, S["F"] - a * SA - b * Sw]
+        self.g3 = g3
+        self.wald = np.where(Sw > 0, a * a * np.maximum(det, 0.0) / np.where(Sw > 0, Sw, 1.0), 0.0)
+
+
+_EYE3 = np.eye(3)
+
+
+def _lm_step(R: _Rows, P: _Point, lam, p: Params):
+    """One LM step per row from the solution P (its weights held fixed). Returns the new
+    (th, a, b, lam)."""
+    t0, lu0, lte = P.th
+    H = P.H
+    diag = np.einsum("bii->bi", H)
+    Hd = H + (lam[:, None] * diag + 1e-300)[:, :, None] * _EYE3
+    good = ~P.flat & np.all(np.isfinite(Hd.reshape(len(lam), -1)), axis=1) & (np.min(diag, axis=1) > 0)
+    Hd = np.where(good[:, None, None], Hd, _EYE3)
+    g = np.where(good[:, None], P.g3, 0.0)
+    try:
+        d = np.linalg.solve(Hd, g[:, :, None])[:, :, 0]
+    except np.linalg.LinAlgError:
+        d = np.stack(_solve3([[Hd[:, j, k] for k in range(3)] for j in range(3)], [g[:, j] for j in range(3)]),
+                     axis=1)
+    d = np.where(np.isfinite(d), d, 0.0)
+    te = np.exp(lte)
+    nt0 = t0 + np.minimum(np.maximum(d[:, 0], -2 * te), 2 * te)
+    nlu0 = np.minimum(np.maximum(lu0 + np.minimum(np.maximum(d[:, 1], -1.5), 1.5), LN_U0[0]), LN_U0[1])
+    nlte = np.minimum(np.maximum(lte + np.minimum(np.maximum(d[:, 2], -1.5), 1.5), LN_TE[0]), LN_TE[1])
+    A2, _ = _model(R.t, _col(nt0), _col(nlu0), _col(nlte), False)
+    w = P.w
+    wA2 = w * A2
+    S = P.S
+    a2, b2, chi1, flat2 = _linear(S["w"], wA2.sum(-1), (wA2 * A2).sum(-1), S["F"], (wA2 * R.F).sum(-1),
+                                  S["FF"], p.kappa)
+    ok = good & ~flat2 & (chi1 < P.chi) & np.isfinite(chi1)
+    th = (np.where(ok, nt0, t0), np.where(ok, nlu0, lu0), np.where(ok, nlte, lte))
+    lam2 = np.where(ok, np.maximum(lam * 0.2, LAM_MIN), np.minimum(lam * 10.0, LAM_MAX))
+    return th, np.where(ok, a2, P.a), np.where(ok, b2, P.b), np.where(P.flat, lam, lam2)
+
+
+def _robust_cost(R: _Rows, th, a, b, scale, c):
+    A, _ = _model(R.t, _col(th[0]), _col(th[1]), _col(th[2]), False)
+    z = (R.m - _mag_model(_col(a), _col(b), A)) / R.e
+    cs = c * _col(scale)
+    return (R.valid * 2.0 * cs * cs * (np.sqrt(1.0 + (z / cs) ** 2) - 1.0)).sum(-1), z
+
+
+def _peak_time(R: _Rows):
+    """Time of the brightest run of 3 consecutive valid points (robust to one outlier)."""
+    F = np.where(R.valid > 0, R.F, -np.inf)
+    run = np.minimum(np.minimum(F[:, :-2], F[:, 1:-1]), F[:, 2:])
+    rows = np.arange(len(R.n))
+    j = np.argmax(run, axis=1) + 1
+    good = np.isfinite(run[rows, j - 1])
+    return np.where(good, R.t[rows, j], R.t[rows, R.last])
+
+
+def _multistart(R: _Rows, s: dict, p: Params) -> dict:
+    """Global refit of the rows: a grid of starts and the current solution, ranked and
+    refined on a subsample (the newest points dense, older ones thinned), then the best
+    two and the current solution refined on all points; the lowest robust cost wins."""
+    B = len(R.n)
+    c = p.robust_c
+    Q = R.subsample()
+    t_new = R.t[np.arange(B), R.last]
+    t0s = np.stack([_peak_time(R)] + [t_new + d for d in GRID_T0_AFTER], axis=1)     # (B, 4)
+    g_t0, g_u0, g_te = np.meshgrid(np.arange(t0s.shape[1]), np.log(GRID_U0), np.log(GRID_TE),
+                                   indexing="ij")
+    S = g_t0.size
+    T0 = t0s[:, g_t0.ravel()]                                                          # (B, S)
+    LU0 = np.broadcast_to(g_u0.ravel(), (B, S))
+    LTE = np.broadcast_to(g_te.ravel(), (B, S))
+    # rank: closed-form fluxes under observed-flux errors, then the robust cost
+    A, _ = _model(Q.t[:, None, :], T0[..., None], LU0[..., None], LTE[..., None], False)
+    sF = K_MAG * Q.e * Q.F
+    w = (Q.valid / (sF * sF))[:, None, :]
+    wA = w * A
+    Fb = Q.F[:, None, :]
+    a0, b0, _, _ = _linear(w.sum(-1), wA.sum(-1), (wA * A).sum(-1), (w * Fb).sum(-1), (wA * Fb).sum(-1),
+                           (w * Fb * Fb).sum(-1), p.kappa)
+    z = (Q.m[:, None, :] - _mag_model(a0[..., None], b0[..., None], A)) / Q.e[:, None, :]
+    cs = c * s["scale"][:, None, None]
+    cost = (Q.valid[:, None, :] * 2 * cs * cs * (np.sqrt(1 + (z / cs) ** 2) - 1)).sum(-1)
+    keep = np.argsort(cost, axis=1, kind="stable")[:, :p.restart_keep]                 # (B, k)
+    rows = np.arange(B)[:, None]
+    K = keep.shape[1]
+    # coarse: refine the kept starts on the subsample
+    QQ = Q.take(np.repeat(np.arange(B), K))
+    th = (T0[rows, keep].ravel(), LU0[rows, keep].ravel(), LTE[rows, keep].ravel())
+    a, b = a0[rows, keep].ravel(), b0[rows, keep].ravel()
+    lam = np.full(B * K, 1e-3)
+    sc = np.repeat(s["scale"], K)
+    for _ in range(p.restart_iter):
+        th, a, b, lam = _lm_step(QQ, _Point(QQ, th, a, b, sc, p), lam, p)
+    cost, _ = _robust_cost(QQ, th, a, b, sc, c)
+    cost = np.where(np.isfinite(cost) & (a > 0), cost, np.inf).reshape(B, K)
+    top = np.argsort(cost, axis=1, kind="stable")[:, :2]
+    pick = (np.arange(B)[:, None] * K + top)                                           # (B, 2)
+    # fine: the two best and the current solution on all points
+    has = (s["flags"] & HAS_FIT) > 0
+    cand = {}
+    for k, v in (("t0", th[0]), ("lu0", th[1]), ("lte", th[2]), ("a", a), ("b", b)):
+        cur = np.where(has, s[k], v[pick[:, 0]])[:, None]
+        cand[k] = np.concatenate([cur, v[pick]], axis=1)                               # (B, 3)
+    K = cand["t0"].shape[1]
+    RR = R.take(np.repeat(np.arange(B), K))
+    th = (cand["t0"].ravel(), cand["lu0"].ravel(), cand["lte"].ravel())
+    a, b = cand["a"].ravel(), cand["b"].ravel()
+    lam = np.full(B * K, 1e-3)
+    sc = np.repeat(s["scale"], K)
+    for _ in range(FINE_ITER):
+        th, a, b, lam = _lm_step(RR, _Point(RR, th, a, b, sc, p), lam, p)
+    cost, _ = _robust_cost(RR, th, a, b, sc, c)
+    cost = np.where(np.isfinite(cost) & (a > 0), cost, np.inf).reshape(B, K)
+    pick = np.arange(B) * K + np.argmin(cost, axis=1)
+    out = {"t0": th[0][pick], "lu0": th[1][pick], "lte": th[2][pick], "a": a[pick], "b": b[pick],
+           "lam": lam[pick]}
+    out["scale"] = error_scale(R)
+    return out
+
+
+def error_scale(R: _Rows) -> np.ndarray:
+    """The event's error scale, model-free: 1.4826 median |m_(i+1) - m_i| / sqrt(e_i^2 +
+    e_(i+1)^2) over consecutive points (the light curve changes little from one point to
+    the next except in a caustic crossing, so the median is the noise's), at least 1. A
+    scale from the PSPL fit's residuals would grow with the very anomaly it should reveal."""
+    dz = np.abs(np.diff(R.m, axis=1)) / np.sqrt(R.e[:, 1:] ** 2 + R.e[:, :-1] ** 2)
+    ok = R.valid[:, 1:] > 0
+    dz = np.where(ok, dz, np.inf)
+    dz.sort(axis=1)
+    k = ok.sum(1)
+    r = np.arange(len(k))
+    med = 0.5 * (dz[r, np.maximum(k - 1, 0) // 2] + dz[r, np.maximum(k, 1) // 2])
+    return np.where((k >= 4) & np.isfinite(med), np.maximum(1.0, 1.4826 * med), 1.0)
+
+
+def _statistic(R: _Rows, P: _Point, scale, p: Params):
+    """D (max over windows of the offset Δχ², Gauss-Newton: valid also when P is not the
+    converged fit) and the activity test, per row."""
+    B = len(R.n)
+    W = max(p.windows)
+    c = p.robust_c
+    idx = R.last[:, None] - np.arange(W)[None, ::-1]              # (B, W) oldest .. newest
+    inwin = (idx >= 0).astype(np.float64)
+    idx = np.maximum(idx, 0)
+    rows = np.arange(B)[:, None]
+    t, m, e, F = R.t[rows, idx], R.m[rows, idx], R.e[rows, idx], R.F[rows, idx]
+    A, D = _model(t, _col(P.th[0]), _col(P.th[1]), _col(P.th[2]), True)
+    a, b, s = _col(P.a), _col(P.b), _col(scale)
+    Fm = np.maximum(a * A + b, FLUX_FLOOR)
+    z = (m + 2.5 * np.log10(Fm)) / e
+    psi = 1.0 / np.sqrt(1.0 + (z / (c * s)) ** 2)
+    sF = K_MAG * e * Fm
+    v2 = inwin / (sF * sF)
+    r = F - Fm
+    J = [a * D[0], a * D[1], a * D[2], A, np.ones_like(A)]
+    S = P.S
+    I = np.empty((B, 5, 5))
+    for j in range(3):
+        for k in range(3):
+            I[:, j, k] = P.a * P.a * S["DD"][j][k]
+        I[:, j, 3] = I[:, 3, j] = P.a * S["DA"][j]
+        I[:, j, 4] = I[:, 4, j] = P.a * S["D"][j]
+    I[:, 3, 3], I[:, 3, 4], I[:, 4, 3], I[:, 4, 4] = S["AA"], S["A"], S["A"], S["w"]
+    diag = np.abs(np.einsum("bii->bi", I))
+    I[:, np.arange(5), np.arange(5)] += 1e-9 * diag + 1e-300
+    grad = np.stack(P.grad, axis=1)                                # (B, 5)
+    ks = list(p.windows)
+    G = np.empty((B, 5, len(ks) + 1))
+    T = np.empty((B, len(ks)))
+    V0 = np.empty((B, len(ks)))
+    for q, k in enumerate(ks):
+        T[:, q] = (v2 * r)[:, W - k:].sum(-1)
+        V0[:, q] = v2[:, W - k:].sum(-1)
+        for j in range(5):
+            G[:, j, q] = (psi * v2 * J[j])[:, W - k:].sum(-1)
+    G[:, :, -1] = grad
+    fitted = (P.a > 0) & np.all(np.isfinite(I.reshape(B, -1)), axis=1) & np.all(np.isfinite(grad), axis=1)
+    corr = np.zeros((B, len(ks)))
+    shift = np.zeros((B, len(ks)))
+    if fitted.any():
+        fi = np.flatnonzero(fitted)
+        try:
+            X = np.linalg.solve(I[fi], G[fi])
+        except np.linalg.LinAlgError:
+            X = np.stack([np.linalg.lstsq(I[i], G[i], rcond=None)[0] for i in fi])
+        gk = G[fi][:, :, :-1]
+        corr[fi] = np.einsum("bjq,bjq->bq", gk, X[:, :, :-1])
+        shift[fi] = np.einsum("bjq,bj->bq", gk, X[:, :, -1])
+    V = np.maximum(V0 - corr, 0.05 * V0)
+    Tadj = T - shift
+    enough = R.n[:, None] >= np.asarray(ks)[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where(enough & (V > 0), Tadj * Tadj / V, -np.inf) / (scale[:, None] ** 2)
+    d = np.where(np.isfinite(d), d, -np.inf)
+    stat = d.max(axis=1)
+    excess = P.a * (A[:, -1] - 1.0) / sF[:, -1]
+    active = ~P.flat & (P.wald >= p.event_dchi2) & (excess >= p.active_sigma * scale)
+    return stat, active
+
+
+# --------------------------------------------------------------------------- driver
+@dataclass
+class Outcome:
+    """What :func:`advance` says about one event."""
+    stats: np.ndarray              # D at each processed point (-inf when not eligible)
+    fire: Optional[int]            # global index of the firing point, or None
+    fire_stat: Optional[float]
+
+
+def advance(states: np.ndarray, curves: Sequence[tuple], first: Sequence[int], params: Params,
+            stop_when_triggered: bool = True, record: bool = False,
+            group_rows: int = 256) -> tuple[np.ndarray, list[Outcome]]:
+    """Process each event's unprocessed points, one point at a time.
+
+    ``states`` (E,) STATE records (``new_state``); ``curves[e]`` = (time, mag, mag_err) of
+    the stored points of event e, whose first one has global index ``first[e]``; points
+    ``states[e]['n_done'] .. first[e] + len - 1`` are processed. An event that has fired
+    (flag TRIGGERED) is skipped when ``stop_when_triggered`` (the broker); offline, with it
+    False, every point gets its statistic and the event score is the running max.
+    Returns the new states and, per event, the statistics of the processed points (when
+    ``record``) and the first point where D >= threshold (fire).
+    """
+    p = params
+    st = np.array(states, dtype=STATE, copy=True)
+    E = len(st)
+    first = np.asarray(first, dtype=np.int64)
+    lens = np.array([len(cv[0]) for cv in curves], dtype=np.int64)
+    n_total = first + lens
+    start = np.maximum(st["n_done"].astype(np.int64), first)
+    skip = ((st["flags"] & TRIGGERED) > 0) & stop_when_triggered
+    todo = np.where(skip, 0, np.maximum(n_total - start, 0))
+    stats = [np.full(int(u), -np.inf) for u in todo]
+    fires: list = [None] * E
+    fstat: list = [None] * E
+    if not todo.any():
+        return st, [Outcome(stats[e], None, None) for e in range(E)]
+    for e in np.flatnonzero(((st["flags"] & HAS_REF) == 0) & (todo > 0)):
+        st["t_ref"][e] = float(curves[e][0][0])
+        st["m_ref"][e] = float(curves[e][1][0])
+        st["flags"][e] |= HAS_REF
+    # stacked, referenced data (padded with the last point; never read as valid)
+    Lmax = pad_length(int(lens.max()))
+    TT, MM, EE = np.empty((E, Lmax)), np.empty((E, Lmax)), np.empty((E, Lmax))
+    for e in range(E):
+        t, m, er = curves[e]
+        k = len(t)
+        TT[e, :k] = np.asarray(t, dtype=np.float64) - st["t_ref"][e]
+        MM[e, :k] = np.asarray(m, dtype=np.float64) - st["m_ref"][e]
+        EE[e, :k] = np.asarray(er, dtype=np.float64)
+        if k:
+            TT[e, k:], MM[e, k:], EE[e, k:] = TT[e, k - 1], MM[e, k - 1], EE[e, k - 1]
+    FF = np.power(10.0, -0.4 * MM)
+    stopped = np.zeros(E, dtype=bool)
+    for j in range(int(todo.max())):
+        live = np.flatnonzero((todo > j) & ~stopped)
+        if not len(live):
+            break
+        n_glob = start[live] + j + 1                      # points seen, this one included
+        n_st = n_glob - first[live]                       # stored points up to this one
+        Ls = (np.maximum(n_st, 1) + PAD - 1) // PAD * PAD
+        for L in np.unique(Ls):
+            sel = np.flatnonzero(Ls == L)
+            for c0 in range(0, len(sel), group_rows):
+                k = sel[c0:c0 + group_rows]
+                g = live[k]
+                _step(st, g, n_glob[k], n_st[k], TT, MM, EE, FF, int(L), p)
+                d = st["last"][g]
+                if record:
+                    for e, val in zip(g, d):
+                        stats[e][j] = val
+                hit = (d >= p.threshold) & ((st["flags"][g] & TRIGGERED) == 0)
+                for e in g[hit]:
+                    fires[e] = int(start[e] + j)
+                    fstat[e] = float(st["last"][e])
+                    st["flags"][e] |= TRIGGERED
+                    stopped[e] = stop_when_triggered
+    return st, [Outcome(stats[e], fires[e], fstat[e]) for e in range(E)]
+
+
+_FIELDS = ("t0", "lu0", "lte", "a", "b", "lam", "scale", "flags", "n_restart", "n_refit", "best")
+TRACK_SIGMA = 1.0   # the fit is updated at points where the model is magnified by >= 1 sigma
+
+
+def _quick(R: _Rows, s: dict, p: Params):
+    """The current solution against the newest points only (O(window) per row): the
+    offset Δχ² of each window without the leverage term (an upper bound of the full
+    statistic's refit-free value) and the model's excess at the newest point in sigma."""
+    B = len(R.n)
+    W = max(p.windows)
+    idx = R.last[:, None] - np.arange(W)[None, ::-1]
+    inwin = (idx >= 0).astype(np.float64)
+    rows = np.arange(B)[:, None]
+    idx = np.maximum(idx, 0)
+    t, e, F = R.t[rows, idx], R.e[rows, idx], R.F[rows, idx]
+    A, _ = _model(t, _col(s["t0"]), _col(s["lu0"]), _col(s["lte"]), False)
+    a, b = _col(s["a"]), _col(s["b"])
+    Fm = np.maximum(a * A + b, FLUX_FLOOR)
+    sF = K_MAG * e * Fm
+    v2 = inwin / (sF * sF)
+    vr = v2 * (F - Fm)
+    best = np.full(B, -np.inf)
+    for k in p.windows:
+        T, V = vr[:, W - k:].sum(-1), v2[:, W - k:].sum(-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = np.where((R.n >= k) & (V > 0), T * T / np.where(V > 0, V, 1.0), -np.inf)
+        best = np.maximum(best, d)
+    excess = s["a"] * (A[:, -1] - 1.0) / sF[:, -1]
+    return best / s["scale"] ** 2, excess / s["scale"]
+
+
+def _step(st: np.ndarray, g: np.ndarray, n_glob: np.ndarray, n_st: np.ndarray, TT, MM, EE, FF,
+          L: int, p: Params) -> None:
+    """Point n (the n_st-th stored point) of the events g: fit, statistic, in place.
+
+    Cheap path: where the current model is not magnified at the newest point (by
+    TRACK_SIGMA) and no window deviates by refit_level, the point cannot fire (not
+    active) and nothing moves: O(window) work. Elsewhere, the full path: statistic at
+    the previous solution with the new point (Gauss-Newton corrected), one or more LM
+    steps over all points, and a multi-start refit when due."""
+    R = _Rows(TT[g, :L], MM[g, :L], EE[g, :L], n_st.astype(np.int64), FF[g, :L])
+    s = {k: st[k][g].copy() for k in _FIELDS}
+    B = len(g)
+    old_enough = n_glob >= p.min_points
+    has = (s["flags"] & HAS_FIT) > 0
+    D = np.full(B, -np.inf)
+    active = np.zeros(B, dtype=bool)
+    full = np.zeros(B, dtype=bool)
+    if has.any():
+        dq, exq = _quick(R, s, p)
+        full = has & ((exq >= min(TRACK_SIGMA, 0.5 * p.active_sigma)) | (dq >= p.refit_level))
+    if full.any():
+        fi = np.flatnonzero(full)
+        Rf = R if len(fi) == B else R.take(fi)
+        sf = {k: v[fi] for k, v in s.items()}
+        P = _Point(Rf, (sf["t0"], sf["lu0"], sf["lte"]), sf["a"], sf["b"], sf["scale"], p)
+        D[fi], active[fi] = _statistic(Rf, P, sf["scale"], p)
+        lam = sf["lam"]
+        for it in range(p.steps_per_point):
+            if it:
+                P = _Point(Rf, th, a, b, sf["scale"], p)  # noqa: F821
+            th, a, b, lam = _lm_step(Rf, P, lam, p)
+        for k, v in zip(("t0", "lu0", "lte", "a", "b", "lam"), (*th, a, b, lam)):
+            s[k][fi] = v
+    # multi-start: the first fit, on the growth ladder (tracked events), to confirm a candidate
+    ladder = full & (n_glob >= p.restart_growth * np.maximum(s["n_restart"], 1))
+    first_fit = ~has & old_enough & (n_st >= 8)
+    cand = full & ~ladder & (D >= p.refit_level) & ((n_glob - s["n_refit"]) >= p.refit_cooldown)
+    need = ladder | first_fit | cand
+    if need.any():
+        ri = np.flatnonzero(need)
+        for c0 in range(0, len(ri), 16):
+            sub = ri[c0:c0 + 16]
+            out = _multistart(R.take(sub), {k: v[sub] for k, v in s.items()}, p)
+            for k, v in out.items():
+                s[k][sub] = v
+        s["flags"][ri] |= HAS_FIT
+        s["n_restart"][ri] = np.where(cand[ri], s["n_restart"][ri], n_glob[ri])
+        s["n_refit"][ri] = n_glob[ri]
+        Rn = R.take(ri)
+        sn = {k: v[ri] for k, v in s.items()}
+        P = _Point(Rn, (sn["t0"], sn["lu0"], sn["lte"]), sn["a"], sn["b"], sn["scale"], p)
+        D[ri], active[ri] = _statistic(Rn, P, sn["scale"], p)
+    # a deviation above refit_level counts only when a refit at this point confirmed it
+    D = np.where(need, D, np.minimum(D, p.refit_level))
+    D = np.where(old_enough & active, D, -np.inf)
+    s["best"] = np.maximum(s["best"], D)
+    for k in _FIELDS:
+        st[k][g] = s[k]
+    st["last"][g] = D
+    st["n_done"][g] = n_glob
+
+
+# --------------------------------------------------------------------------- offline
+def run_curves(curves: Sequence[tuple], params: Params, chunk: int = 256) -> list[np.ndarray]:
+    """D at every point of every light curve (offline: no stop after firing)."""
+    out: list[np.ndarray] = []
+    for c0 in range(0, len(curves), chunk):
+        part = curves[c0:c0 + chunk]
+        _, res = advance(new_state(len(part)), part, np.zeros(len(part), dtype=np.int64), params,
+                         stop_when_triggered=False, record=True)
+        out.extend(r.stats for r in res)
+    return out
+
+
+def running_score(stats: np.ndarray) -> np.ndarray:
+    """Event score with data up to each point (running max of D)."""
+    s = np.asarray(stats, dtype=np.float64)
+    return np.maximum.accumulate(s) if len(s) else s
+
+
+def event_score(stats: np.ndarray) -> float:
+    s = np.asarray(stats, dtype=np.float64)
+    return float(s.max()) if len(s) else float("-inf")
+
+
+def first_trigger(stats: np.ndarray, threshold: float) -> Optional[int]:
+    hit = np.flatnonzero(np.asarray(stats) >= threshold)
+    return int(hit[0]) if len(hit) else None
