@@ -177,6 +177,7 @@ class ConsumerSettings:
     threshold: Optional[float] = field(default=None, metadata=_rng(0.0, 1.0))
     min_points: int = field(default=10, metadata=_rng(1, 100_000))
     device: str = field(default="auto", metadata=_rng(choices=("auto", "cpu", "cuda")))
+    torch_threads: int = field(default=1, metadata=_rng(1, 256))
     log_interval_s: float = field(default=5.0, metadata=_rng(0.1, 3600))
     metrics_port: Optional[int] = field(default=None, metadata=_rng(1, 65535))
     pspl_fit: PsplFitSettings = PsplFitSettings()
