@@ -30,7 +30,7 @@ class DemoError(RuntimeError):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--events", type=int, default=2000,
+    p.add_argument("--events", type=int, default=500,
                    help="number of simulated events, half single-lens and half binary")
     p.add_argument("--binary-params", default="baseline",
                    help="binary parameter set (baseline, distinct, planetary, stellar)")
