@@ -14,7 +14,8 @@ cut-and-rerun score.
 each at the threshold where the same share of PSPL events fires (``--false-rate``,
 default 5%, thresholds fitted on this file's PSPL events: a matched-rate comparison, not
 a held-out threshold), and at their configured thresholds; completeness (all binaries
-and Δχ² >= 160), decision time, early detection, CPU time per point, and the plot
+and Δχ² >= 160), decision time, the paired decision times of the binaries both rules
+trigger, early detection, CPU time per point, and the plot
 ``completeness_vs_decision_time.png`` (share of the binaries triggered by t0 + x tE).
 
 Per-point statistics are cached in the output folder (``pspl_fit_stats.npz``, keyed
@@ -249,7 +250,7 @@ def compare(model_dir, data, params: psplfit.Params, output, rate: float = 0.05,
                              "seed": ds.meta.get("seed"), "parameter_set": ds.meta.get("parameter_set")},
                     "false_rate": rate, "rules": {}, "model": {"dir": str(model_dir), "version": art.version},
                     "pspl_fit_params": {**params.__dict__, "version": params.version}}
-    curves = {}
+    curves, matched_all = {}, {}
     for name, running, own_thr, cpu in (("tdcnn", run_td, art.threshold, cpu_td),
                                         (psplfit.RULE, run_pf, params.threshold, cpu_pf)):
         scores = np.array([r[-1] if len(r) else -np.inf for r in running])
@@ -257,12 +258,14 @@ def compare(model_dir, data, params: psplfit.Params, output, rate: float = 0.05,
         matched = summarize(name, ds, events, running, thr, early_detection)
         own = summarize(name, ds, events, running, own_thr, early_detection=False)
         curves[name] = (completeness_curve(matched), completeness_curve(matched, "binary"))
+        matched_all[name] = matched
         result["rules"][name] = {
             "matched_rate": _headline(matched), "own_threshold": _headline(own),
             "cpu_us_per_point": 1e6 * cpu / max(n_points, 1) if cpu else None,
             "cpu_note": ("full-curve batched forward pass offline (not the broker's cost per alert)"
                          if name == "tdcnn" else "the broker's per-point function, run offline"),
             "detail_matched_rate": public(matched)}
+    result["paired_decision_time"] = paired(ds, events, matched_all)
     result["completeness_vs_decision_time"] = {
         "x_tE": DT_GRID_TE.tolist(),
         **{name: {"detectable": c[0].tolist(), "all_binaries": c[1].tolist()} for name, c in curves.items()}}
@@ -270,6 +273,25 @@ def compare(model_dir, data, params: psplfit.Params, output, rate: float = 0.05,
         result["plots"] = [plot_completeness(out / "completeness_vs_decision_time.png", curves, rate)]
     (out / "comparison.json").write_text(json.dumps(result, indent=2, default=_json) + "\n")
     return result
+
+
+def paired(ds, events, matched: dict) -> dict:
+    """Decision times of the binaries (Δχ² >= 160) that both rules trigger, at the matched
+    rate: pspl-fit minus tdcnn (a positive value: the TD-CNN decided earlier)."""
+    a, b = matched["tdcnn"]["_arrays"], matched[psplfit.RULE]["_arrays"]
+    det = a["bin_det"]
+    tE = ds.params["tE"][events]
+    ta, tb = a["dt_tE"] * tE, b["dt_tE"] * tE
+    both = det & np.isfinite(ta) & np.isfinite(tb)
+    d = (tb - ta)[both]
+    share = (lambda m: float(np.mean(m)) if len(d) else None)  # noqa: E731
+    return {"n_detectable": int(det.sum()), "n_both": int(both.sum()),
+            "only_tdcnn": int((det & np.isfinite(ta) & ~np.isfinite(tb)).sum()),
+            "only_pspl_fit": int((det & ~np.isfinite(ta) & np.isfinite(tb)).sum()),
+            "median_pspl_fit_minus_tdcnn_days": float(np.median(d)) if len(d) else None,
+            "median_pspl_fit_minus_tdcnn_tE": float(np.median(d / tE[both])) if len(d) else None,
+            "share_tdcnn_earlier": share(d > 0), "share_same_point": share(d == 0),
+            "share_pspl_fit_earlier": share(d < 0)}
 
 
 def _headline(s: dict) -> dict:
@@ -348,6 +370,13 @@ def render_comparison(r: dict) -> str:
                          f"{_f(h['median_decision_tE_detectable'], '.2f'):>12}"
                          f"{_f(d['cpu_us_per_point'], '.0f'):>8}")
     lines.append("* at the rule's own threshold (TD-CNN: model card; pspl-fit: consumer.pspl_fit.threshold)")
+    pd = r.get("paired_decision_time")
+    if pd and pd["n_both"]:
+        lines.append(f"binaries Δχ² ≥ 160 triggered by both ({pd['n_both']} of {pd['n_detectable']}; only tdcnn "
+                     f"{pd['only_tdcnn']}, only pspl-fit {pd['only_pspl_fit']}): pspl-fit − tdcnn median "
+                     f"{pd['median_pspl_fit_minus_tdcnn_days']:+.2f} d ({pd['median_pspl_fit_minus_tdcnn_tE']:+.3f} tE); "
+                     f"tdcnn earlier {pd['share_tdcnn_earlier']:.2f}, same point {pd['share_same_point']:.2f}, "
+                     f"pspl-fit earlier {pd['share_pspl_fit_earlier']:.2f}")
     return "\n".join(lines)
 
 

@@ -741,8 +741,10 @@ class Probe:
         while time.monotonic() < deadline:
             if self.samples and pred(self.samples[-1]):
                 return self.samples[-1]
+            assert self.proc.alive(), f"the consumer exited ({self.proc.proc.returncode}): " \
+                                      f"{self.proc.log()[-3000:]}"
             time.sleep(0.1)
-        raise AssertionError(f"timed out; last sample {self.last()}")
+        raise AssertionError(f"timed out; last sample (s, RSS MB, committed, lag) {self.last()}")
 
     def stop(self):
         self._stop.set()

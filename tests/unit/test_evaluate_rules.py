@@ -63,6 +63,8 @@ def test_both_rules_at_equal_pspl_firing_rate(data, capsys):
         h = d["matched_rate"]
         assert h["pspl_firing_rate"] <= 0.25
         assert "median_decision_tE_detectable" in h and "completeness_all" in h
+    pd = r["paired_decision_time"]
+    assert pd["n_both"] + pd["only_tdcnn"] <= pd["n_detectable"]
     cv = r["completeness_vs_decision_time"]
     assert len(cv["x_tE"]) == len(cv["pspl-fit"]["detectable"])
     assert np.all(np.diff(cv["pspl-fit"]["all_binaries"]) >= 0)
