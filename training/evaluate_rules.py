@@ -60,8 +60,8 @@ def pspl_fit_stats(ds, events, params: psplfit.Params, cache: Optional[Path] = N
     if cache is not None and cache.is_file():
         with np.load(cache) as z:
             if str(z["key"]) == key:
-                off = z["offsets"]
-                return [z["stats"][off[i]:off[i + 1]] for i in range(len(off) - 1)], float(z["cpu_s"])
+                off, flat = z["offsets"], z["stats"]   # each z[...] reads the file again: once
+                return [flat[off[i]:off[i + 1]].copy() for i in range(len(off) - 1)], float(z["cpu_s"])
     curves = [ds.event(int(i)) for i in events]
     t0 = time.process_time()
     stats = psplfit.run_curves(curves, params)

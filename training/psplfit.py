@@ -265,10 +265,6 @@ def _linear(Sw, SA, SAA, SF, SAF, SFF, kappa):
     return a_out, b_out, chi, ~(a_out > 0)
 
 
-def _chi2w(Sw, SA, SAA, SF, SAF, SFF, a, b):
-    return SFF - 2 * a * SAF - 2 * b * SF + a * a * SAA + 2 * a * b * SA + b * b * Sw
-
-
 def _solve3(H, g):
     """Cramer's rule on stacked 3x3 systems (elementwise numpy: per-row deterministic)."""
     (a, b, c), (d, e, f), (gg, h, i) = H

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from broker.consumer import Broker
-from broker.rule_psplfit import PsplFitRule, params_from_settings
+from broker.rule_psplfit import PsplFitRule
 from tests.helpers import unique
 from tests.integration.test_consumer import (alerts_of, choose_threshold, expected_triggers, offline_probs,
                                              produce, settings_for, triggers_in)
