@@ -117,9 +117,14 @@ class Private:
 
 @pytest.fixture(scope="module")
 def private_services(tmp_path_factory):
-    """A Kafka and a Redis of this module alone (free ports, private state dir), wiped after."""
+    """A Kafka and a Redis of this module alone (free ports, private state dir), wiped after.
+
+    Skipped when ULENS_KAFKA_BOOTSTRAP / ULENS_REDIS_URL point the suite at your own cluster:
+    then the suite starts nothing (README), and these tests need services they may kill."""
     from ulens import services as svc
 
+    if os.environ.get("ULENS_KAFKA_BOOTSTRAP") or os.environ.get("ULENS_REDIS_URL"):
+        pytest.skip("ULENS_KAFKA_BOOTSTRAP/ULENS_REDIS_URL set: the suite starts no services")
     kport, cport, rport = free_ports(3)
     root = tmp_path_factory.mktemp("private-services")
     state = root / "state"

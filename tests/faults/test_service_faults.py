@@ -70,6 +70,7 @@ CAPACITY_ALERTS = 24_000                    # backlog drained to measure capacit
 CAPACITY_FROM = 0.65                        # measured from 65% of it on (10 points: past the warm-up)
 RSS_GROWTH_MAX_MB = 200                     # consumer RSS above its level at capacity
 DRAIN_TIMEOUT_S = 240.0
+STEP_TIMEOUT_S = 240.0                      # any step of a scenario (a hung service fails the test)
 CODEC = default_codec()
 
 FIGURES: dict = {}                          # printed at the end of the module (closing note)
@@ -357,11 +358,17 @@ class Replay:
 ASSIGNED = r"assigned \d+ partition"
 
 
-def supervise(run: Run, c: ConsumerProc, done, rep: Replay = None, tick: float = 0.2) -> ConsumerProc:
+def supervise(run: Run, c: ConsumerProc, done, rep: Replay = None, tick: float = 0.2,
+              timeout: float = None) -> ConsumerProc:
     """Until ``done(c)``: restart the consumer whenever it exits with an error (recorded in
     ``run.exits``), as a process supervisor would; with ``rep``, the replay is frozen from the
-    exit until the new consumer has its partitions. Returns the current consumer."""
+    exit until the new consumer has its partitions. Returns the current consumer. Fails after
+    ``timeout`` (STEP_TIMEOUT_S) seconds."""
+    deadline = time.monotonic() + (STEP_TIMEOUT_S if timeout is None else timeout)
     while not done(c):
+        assert time.monotonic() < deadline, (
+            f"{run.name}: no progress within {STEP_TIMEOUT_S if timeout is None else timeout:.0f} s; "
+            f"consumer log:\n{c.log()[-3000:]}")
         if not c.alive():
             if c.proc.returncode == 0:
                 break
