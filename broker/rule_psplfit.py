@@ -132,19 +132,7 @@ class PsplFitRule:
         self._sha = {"save": self.r.script_load(SAVE_LUA), "sent": self.r.script_load(st.SENT_LUA)}
 
     def _evalsha(self, calls):
-        import redis
-
-        for attempt in (0, 1):
-            pipe = self.r.pipeline(transaction=False)
-            for name, keys, args in calls:
-                pipe.evalsha(self._sha[name], len(keys), *keys, *args)
-            try:
-                return pipe.execute()
-            except redis.exceptions.NoScriptError:
-                if attempt:
-                    raise
-                self._load_scripts()
-        raise AssertionError("unreachable")
+        return st.run_scripts(self.r, self._sha, calls, self._load_scripts)
 
     # --- the batch step ------------------------------------------------------------
     def process(self, touched: Sequence[tuple], points) -> list[dict]:

@@ -463,19 +463,7 @@ class EventStore:
 
     def _run(self, calls: list[tuple[str, list, list]]) -> list:
         """Run script calls in one pipeline (one round trip); reload scripts once if flushed."""
-        import redis
-
-        for attempt in (0, 1):
-            pipe = self.r.pipeline(transaction=False)
-            for name, keys, args in calls:
-                pipe.evalsha(self._sha[name], len(keys), *keys, *args)
-            try:
-                return pipe.execute()
-            except redis.exceptions.NoScriptError:
-                if attempt:
-                    raise
-                self._load_scripts()
-        raise AssertionError("unreachable")
+        return run_scripts(self.r, self._sha, calls, self._load_scripts)
 
     def append(self, object_ids: Sequence[int], counts: Sequence[int], points: bytes) -> list[AppendResult]:
         """Append the batch's points (``pack_points``, grouped by event in ``object_ids``
@@ -557,3 +545,24 @@ def scan_events(client, prefix: str, limit: int = 100) -> list[int]:
         if len(out) >= limit:
             break
     return sorted(out)
+
+
+def run_scripts(r, sha: dict, calls, reload) -> list:
+    """Run Lua script calls ``(name, keys, args)`` in one pipeline (one round trip).
+
+    If Redis lost its script cache (restart, SCRIPT FLUSH), ``reload()`` loads the
+    scripts again into ``sha`` and the pipeline is replayed once.
+    """
+    import redis
+
+    for attempt in (0, 1):
+        pipe = r.pipeline(transaction=False)
+        for name, keys, args in calls:
+            pipe.evalsha(sha[name], len(keys), *keys, *args)
+        try:
+            return pipe.execute()
+        except redis.exceptions.NoScriptError:
+            if attempt:
+                raise
+            reload()
+    raise AssertionError("unreachable")

@@ -1,6 +1,7 @@
 """Shared test helpers. Test alerts are built only here, through the real schema."""
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 
@@ -20,3 +21,14 @@ def mock_alert(**overrides) -> dict:
 def unique(name: str) -> str:
     """A name no other test (or earlier run) uses: topics, groups, key prefixes."""
     return f"test-{name}-{uuid.uuid4().hex[:10]}"
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` loopback ports free right now (for private services in tests)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import pytest
 import yaml
 
 import config as cfg
+from tests.helpers import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,14 +50,6 @@ _SHORT_SESSION = (
     "sys.exit(main(['consume'] + sys.argv[1:]))\n")
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def clean_env() -> dict:

@@ -1,6 +1,5 @@
 """`ulens services` on a private state dir and free ports: up, reuse, down by pid, data kept, wipe."""
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -8,17 +7,10 @@ import redis
 from confluent_kafka.admin import AdminClient, NewTopic
 
 import config as cfg
+from tests.helpers import free_ports
 from ulens import services as svc
 
 
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def alive(pid):
