@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the model runs (default: consumer.device)")
     parser.add_argument("--topic", default=None, help="alert topic (default: kafka.topics.alerts)")
     parser.add_argument("--until-idle", type=float, metavar="SECONDS", default=None,
-                        help="exit after this long with nothing to read")
+                        help="exit once nothing was read for this long and the assigned "
+                             "partitions are caught up (no lag); with lag left or unknown "
+                             "(Kafka restarting) it waits up to 60 s more")
     parser.add_argument("--max-alerts", type=int, metavar="N", default=None,
                         help="exit after N alerts")
     parser.add_argument("--metrics-port", type=int, metavar="PORT", default=None,

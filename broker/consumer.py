@@ -5,8 +5,11 @@ point idempotently (``state``) -> one batched model pass over the events that go
 point (``inference``) -> decision (``triggers``) -> one Redis round trip storing
 probabilities and trigger flags -> produce triggers and dead letters, flush, check every
 delivery -> mark triggers sent -> commit the batch's offsets synchronously. Any failure
-before the commit raises: nothing is committed, and a restart re-reads the batch (which
-the idempotent state turns into no-ops). ``consumer.rule`` picks the decision rule(s):
+before the commit raises: nothing is committed. A transient fault (Redis restarting or
+unreachable, the Kafka broker restarting: ``broker.retry``) runs the same batch again with
+backoff for up to ``consumer.retry_for_s``, which the idempotent state turns into no-ops
+for the work already done; any other failure stops the consumer and a restart re-reads
+the batch. ``consumer.rule`` picks the decision rule(s):
 ``tdcnn`` (the model pass above), ``pspl-fit`` (``broker.rule_psplfit``: a robust PSPL
 refit per new point, its own state and trigger keys) or ``both``; each rule's time is
 recorded (``RuleCost``) for the cost per alert.
@@ -25,11 +28,12 @@ import numpy as np
 
 from broker import state as st
 from broker.errors import BrokerError, DeliveryError
+from broker.retry import kafka_error_is_transient, rebalance_kafka_codes, retrying
 from broker.inference import Job, Scorer
 from broker.metrics import Interval, Metrics
 from broker.rule_psplfit import PsplFitRule, RuleCost, params_from_settings
-from broker.triggers import Rule, decide_many, trigger_record
-from broker.validate import Rejected, dead_letter_headers, validate_batch
+from broker.triggers import Rule, decide_many, trigger_at
+from broker.validate import Rejected, dead_letter, validate_batch
 from schemas import default_codec
 
 log = logging.getLogger("broker")
@@ -37,14 +41,23 @@ log = logging.getLogger("broker")
 
 def consumer_config(settings, group: str) -> dict:
     """librdkafka consumer settings: the shared client config (SASL/SSL) + group semantics."""
+    c = settings.consumer
     return {**settings.kafka.client_config(), "group.id": group,
             "enable.auto.commit": False, "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest", "enable.partition.eof": False}
+            "auto.offset.reset": "earliest", "enable.partition.eof": False,
+            # heartbeats (librdkafka's 3 s, at most a third of the session) also tell a
+            # member that a rebalance started. A member retrying a batch through a long
+            # outage does not poll: after max.poll.interval.ms (300 s) it leaves the group,
+            # its commit is refused and the next owner re-reads the batch (_commit).
+            "session.timeout.ms": int(c.session_timeout_s * 1000),
+            "heartbeat.interval.ms": int(min(3.0, c.session_timeout_s / 3) * 1000)}
 
 
 def producer_config(settings) -> dict:
+    # message.timeout.ms: how long librdkafka keeps retrying a trigger or dead letter (a broker
+    # restart included) before it reports a failure; the batch's commit waits for that report
     return {**settings.kafka.client_config(), "acks": "all", "enable.idempotence": True,
-            "linger.ms": 5}
+            "linger.ms": 5, "message.timeout.ms": 300_000}
 
 
 def redis_client(settings):
@@ -62,6 +75,8 @@ class Summary:
     dead_letters: Tally = field(default_factory=Tally)
     triggers: int = 0
     batches: int = 0
+    retries: Tally = field(default_factory=Tally)              # by cause: redis, kafka
+    uncommitted: int = 0                                       # batches left to the next owner
     seconds: float = 0.0
     busy_seconds: float = 0.0                                  # inside process(), all batches
     rule_seconds: dict = field(default_factory=dict)           # per decision rule (RuleCost)
@@ -69,7 +84,8 @@ class Summary:
     def as_dict(self) -> dict:
         return {"alerts": self.alerts, "points": self.points, "duplicates": self.duplicates,
                 "dead_letters": dict(self.dead_letters), "triggers": self.triggers,
-                "batches": self.batches, "seconds": round(self.seconds, 3),
+                "batches": self.batches, "retries": dict(self.retries),
+                "uncommitted": self.uncommitted, "seconds": round(self.seconds, 3),
                 "busy_seconds": round(self.busy_seconds, 3),
                 "rule_seconds": {k: round(v, 3) for k, v in self.rule_seconds.items()}}
 
@@ -106,7 +122,9 @@ class Broker:
         self.assigned = threading.Event()
         self._stop = threading.Event()
         self._delivery_errors: list = []
-        self.producer = Producer(producer_config(settings))
+        pconf = producer_config(settings)
+        self._message_timeout_s = pconf["message.timeout.ms"] / 1000.0
+        self.producer = Producer(pconf)
         self.consumer = Consumer(consumer_config(settings, self.group))
         self.partitions: list[int] = []      # currently assigned partitions of the topic
         self._assigned_at: Optional[float] = None
@@ -125,6 +143,8 @@ class Broker:
         # every batch is committed before the next poll, so nothing is in flight here
         gone = {p.partition for p in partitions}
         self.partitions = [p for p in self.partitions if p not in gone]
+        if not self.partitions:      # (a session lost in an outage, say) idle time waits for
+            self.assigned.clear()    # the next assignment
 
     def stop(self, *_args) -> None:
         """Ask the loop to finish the current batch, commit and close."""
@@ -167,14 +187,18 @@ class Broker:
                     msgs += self.consumer.consume(num_messages=want - 1, timeout=0)
                 now = time.monotonic()
                 if msgs:
-                    self.process(msgs)
+                    self._retrying("batch", lambda: self.process(msgs))
                     idle_from = None
                 elif until_idle is not None:
                     # joining the group takes seconds: the idle clock starts (again) at each
-                    # assignment (give up waiting for a first one a minute later)
+                    # assignment (give up waiting for a first one a minute later). Idle and
+                    # caught up (no lag) ends the run; idle with lag unknown or left (Kafka
+                    # restarting, a batch left uncommitted by a rebalance) waits up to a
+                    # minute more for the stream to come back.
                     if self.assigned.is_set():
                         idle_from = max(idle_from or now, self._assigned_at or now)
-                        if now - idle_from >= until_idle:
+                        idle = now - idle_from
+                        if idle >= until_idle and (idle >= until_idle + 60.0 or self.lag() == 0):
                             break
                     elif now - started >= until_idle + 60.0:
                         break
@@ -185,6 +209,15 @@ class Broker:
             self.close()
         return self.summary
 
+    def _retrying(self, what: str, fn):
+        """``fn()`` retried through transient Redis/Kafka faults (``broker.retry``)."""
+        def count(cause: str) -> None:
+            self.summary.retries[cause] += 1
+            self.metrics.retries.labels(cause).inc()
+
+        return retrying(what, fn, budget=self.settings.consumer.retry_for_s, stop=self._stop,
+                        log=log, count=count)
+
     # --- one batch -----------------------------------------------------------------
     def process(self, msgs: list) -> None:
         from confluent_kafka import KafkaError, KafkaException
@@ -192,10 +225,14 @@ class Broker:
         t0 = time.perf_counter()
         for m in msgs:
             err = m.error()
-            if err is not None and err.code() != KafkaError._PARTITION_EOF:
-                if err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
-                    raise BrokerError(f"topic {self.topic!r}: {err.str()}")
+            if err is None or err.code() == KafkaError._PARTITION_EOF:
+                continue
+            if err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
+                raise BrokerError(f"topic {self.topic!r}: {err.str()}")
+            if not kafka_error_is_transient(err):
                 raise KafkaException(err)
+            # an event, not a message: librdkafka reconnects by itself (a broker restarting)
+            log.warning("kafka: %s (the client reconnects by itself)", err.str())
         msgs = [m for m in msgs if m.error() is None]
         if not msgs:
             return
@@ -249,7 +286,7 @@ class Broker:
                         [(res, order[starts[e]:starts[e] + counts[e]]) for e, res in enumerate(results)],
                         points)
         self._deliver(msgs, dead, triggers)
-        self._commit(msgs)
+        self._retrying("offset commit", lambda: self._commit(msgs))
         # bookkeeping
         elapsed = time.perf_counter() - t0
         now_us = int(time.time() * 1e6)
@@ -285,10 +322,8 @@ class Broker:
                 trig = None
                 if d.fire is not None:
                     g = h.n_scored + d.fire
-                    t = float(job.time[g - job.start])
-                    src, produced_us = self._alert_of(points, mine, t, g, h)
-                    trig = trigger_record(res.object_id, src, self.rule, d.score, g + 1, t,
-                                          produced_us, self.artifact.version)
+                    trig = trigger_at(res.object_id, h, points, mine, self.rule, d.score, g,
+                                      float(job.time[g - job.start]), self.artifact.version)
                 updates.append(st.ScoreUpdate(res.object_id, h.n_scored, p, d.ring, trig))
             codes = self.store.save_scores(updates)
             for u, code in zip(updates, codes):
@@ -308,15 +343,6 @@ class Broker:
             out.extend(got.values())
         return out
 
-    @staticmethod
-    def _alert_of(points, mine, t: float, g: int, h) -> tuple[int, int]:
-        """diaSourceId and alertProducedUs of the deciding point (an alert of this batch)."""
-        for i in mine:
-            if points.time[i] == t:
-                return int(points.source_id[i]), int(points.produced_us[i])
-        # scored late after a crash and its alert is not in this batch: best knowledge
-        return (h.last_source_id if g == h.n_total - 1 else -1), 0
-
     def _deliver(self, msgs, dead, triggers) -> None:
         """Produce dead letters and triggers, flush, and fail on any delivery error."""
         topics = self.settings.kafka.topics
@@ -324,10 +350,9 @@ class Broker:
         cb = self._on_delivery
         for i, rej in dead:
             m = msgs[i]
-            self.producer.produce(topics.dead_letter, key=m.key(), value=m.value(),
-                                  headers=dead_letter_headers(m.headers(), rej.reason, rej.detail,
-                                                              m.topic(), m.partition(), m.offset(),
-                                                              self.group),
+            d = dead_letter(m.key(), m.value(), m.headers(), rej.reason, rej.detail, m.topic(),
+                            m.partition(), m.offset(), self.group)
+            self.producer.produce(topics.dead_letter, key=d.key, value=d.value, headers=d.headers,
                                   on_delivery=cb)
         sent_ids, sent_fit = [], []
         for rec in triggers:
@@ -337,32 +362,60 @@ class Broker:
             (sent_fit if rec["rule"] == PsplFitRule.name else sent_ids).append(rec["diaObjectId"])
         if not dead and not triggers:
             return
-        left = self.producer.flush(self.settings.consumer.poll_timeout_s + 30.0)
-        if left or self._delivery_errors:
-            raise DeliveryError(f"{left} message(s) not delivered, errors: "
-                                f"{self._delivery_errors[:3]}; batch not committed")
+        # librdkafka reports every message within message.timeout.ms (retrying meanwhile,
+        # through a broker restart too), so this wait ends; a stop request cuts it short
+        deadline = time.monotonic() + self._message_timeout_s + 5.0
+        left = self.producer.flush(1.0)
+        while left and not self._stop.is_set() and time.monotonic() < deadline:
+            left = self.producer.flush(1.0)
+        errors = self._delivery_errors
+        if left or errors:
+            raise DeliveryError(
+                f"{left} message(s) not delivered yet, errors: "
+                f"{[f'{t}: {e}' for t, e in errors[:3]]}; batch not committed",
+                transient=all(kafka_error_is_transient(e) for _, e in errors))
         self.store.mark_sent(sent_ids)
         if sent_fit:
             self.psplfit.mark_sent(sent_fit)
 
     def _on_delivery(self, err, msg) -> None:
         if err is not None:
-            self._delivery_errors.append(f"{msg.topic()}: {err}")
+            self._delivery_errors.append((msg.topic(), err))
 
     def _commit(self, msgs) -> None:
-        from confluent_kafka import TopicPartition
+        """Commit the batch's offsets. Transient errors raise (``_retrying`` runs it again);
+        after a rebalance took the partitions away the batch stays uncommitted: their next
+        owner re-reads it from the last commit and the idempotent state absorbs it."""
+        from confluent_kafka import KafkaException, TopicPartition
 
         last: dict[tuple[str, int], int] = {}
         for m in msgs:
             k = (m.topic(), m.partition())
             if m.offset() >= last.get(k, -1):
                 last[k] = m.offset()
-        done = self.consumer.commit(
-            offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()], asynchronous=False)
+        try:
+            done = self.consumer.commit(
+                offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()],
+                asynchronous=False)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if err is not None and err.code() in rebalance_kafka_codes():
+                self._left_uncommitted(err)
+                return
+            raise
         failed = [tp for tp in done or [] if tp.error is not None]
-        if failed:
-            raise BrokerError(f"offset commit failed for {failed[0].topic}[{failed[0].partition}]: "
-                              f"{failed[0].error}")
+        if failed and all(tp.error.code() in rebalance_kafka_codes() for tp in failed):
+            self._left_uncommitted(failed[0].error)
+        elif failed:
+            tp = next(tp for tp in failed if tp.error.code() not in rebalance_kafka_codes())
+            if kafka_error_is_transient(tp.error):
+                raise KafkaException(tp.error)
+            raise BrokerError(f"offset commit failed for {tp.topic}[{tp.partition}]: {tp.error}")
+
+    def _left_uncommitted(self, err) -> None:
+        self.summary.uncommitted += 1
+        log.warning("offset commit refused after a rebalance (%s): this batch stays uncommitted; "
+                    "the partitions' next owner re-reads it and the stored state absorbs it", err.str())
 
     # --- reporting -----------------------------------------------------------------
     def lag(self) -> Optional[int]:
@@ -372,11 +425,21 @@ class Broker:
             if not parts:
                 return 0
             total = 0
-            for tp in self.consumer.position(parts):
+            positions = self.consumer.position(parts)
+            # nothing consumed yet from a partition since this process got it (a restart
+            # that is caught up, say): its position is unset, so count from the group's commit
+            unset = [tp for tp in positions if tp.offset < 0]
+            committed = {(tp.topic, tp.partition): tp.offset
+                         for tp in (self.consumer.committed(unset, timeout=2.0) if unset else [])}
+            for tp in positions:
                 lo, hi = self.consumer.get_watermark_offsets(tp, cached=True)
                 if hi < 0:
                     lo, hi = self.consumer.get_watermark_offsets(tp, timeout=1.0)
-                pos = tp.offset if tp.offset >= 0 else lo
+                pos = tp.offset
+                if pos < 0:
+                    pos = committed.get((tp.topic, tp.partition), -1)
+                if pos < 0:
+                    pos = lo        # no commit either: auto.offset.reset = earliest
                 total += max(hi - pos, 0)
             return total
         except Exception:  # reporting must never stop the loop

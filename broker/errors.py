@@ -7,4 +7,10 @@ class BrokerError(ValueError):
 
 
 class DeliveryError(BrokerError):
-    """Kafka did not confirm delivery of triggers or dead letters: the batch is not committed."""
+    """Kafka did not confirm delivery of triggers or dead letters: the batch is not committed.
+
+    ``transient``: every failure was one a retry can get past (the broker was away)."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient

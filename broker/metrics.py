@@ -24,6 +24,8 @@ class Metrics:
                                registry=r)
         self.dead_letters = Counter("ulens_dead_letters", "Messages sent to the dead-letter topic",
                                     ["reason"], registry=r)
+        self.retries = Counter("ulens_retries", "Batches or commits run again after a transient "
+                               "Redis or Kafka fault", ["cause"], registry=r)
         self.triggers = Counter("ulens_triggers", "Triggers produced", registry=r)
         self.scored = Counter("ulens_points_scored", "Points given a model probability", registry=r)
         self.batch_seconds = Histogram(

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from broker import state as st
-from broker.triggers import Rule, trigger_record
+from broker.triggers import Rule, trigger_at
 from training import psplfit
 
 SAVE_LUA = r"""
@@ -197,11 +197,8 @@ class PsplFitRule:
         for (res, mine, _), s_old, s_new, oc, cv, first in zip(items, states, new, outcomes, curves, firsts):
             trig = None
             if oc.fire is not None:
-                g = oc.fire
-                t = float(cv[0][g - first])
-                src, produced_us = self._alert_of(points, mine, t, g, res.header)
-                trig = trigger_record(res.object_id, src, self.rule, oc.fire_stat, g + 1, t,
-                                      produced_us, self.version)
+                trig = trigger_at(res.object_id, res.header, points, mine, self.rule, oc.fire_stat,
+                                  oc.fire, float(cv[0][oc.fire - first]), self.version)
             saves.append((res.object_id, int(s_old["n_done"]), s_new, trig))
         codes = self._save(saves)
         for (oid, _, _, trig), code in zip(saves, codes):
@@ -218,14 +215,6 @@ class PsplFitRule:
         h = st.parse_header(raw)
         recs = np.frombuffer(raw, dtype=st.RECORD, offset=hsize)
         return recs, h.n_total - len(recs)
-
-    @staticmethod
-    def _alert_of(points, mine, t: float, g: int, h) -> tuple[int, int]:
-        """diaSourceId and alertProducedUs of the deciding point (an alert of this batch)."""
-        for i in mine:
-            if points.time[i] == t:
-                return int(points.source_id[i]), int(points.produced_us[i])
-        return (h.last_source_id if g == h.n_total - 1 else -1), 0
 
     def _save(self, saves) -> list[str]:
         calls = []

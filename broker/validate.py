@@ -164,11 +164,52 @@ def validate_batch(codec, values: list, keys: list) -> tuple[Points, list[int], 
     return pts, [i for i, good in zip(idx, ok) if good], rejected
 
 
-def dead_letter_headers(original, reason: str, detail: str, topic: str, partition: int,
-                        offset: int, group: str) -> list[tuple[str, bytes]]:
-    """The original headers plus where the message came from and why it was rejected."""
-    headers = list(original or [])
-    headers += [("dlq.reason", reason.encode()), ("dlq.detail", detail[:1000].encode()),
-                ("dlq.source.topic", topic.encode()), ("dlq.source.partition", str(partition).encode()),
-                ("dlq.source.offset", str(offset).encode()), ("dlq.consumer.group", group.encode())]
-    return headers
+# A dead letter must fit the producer's message.max.bytes (librdkafka's default 1,000,000)
+# and the topic's max.message.bytes (Kafka's default 1 MiB), whatever the source topic
+# accepted: one that does not fit would fail its delivery, the batch would never commit
+# and the consumer would stop at the same message on every restart (a poison pill).
+# Bigger keys and values are cut to a prefix; headers say how long the original was and
+# give its SHA-256 (the original stays at dlq.source.topic/partition/offset until retention).
+DEAD_LETTER_MAX_BYTES = 512 * 1024        # key + value + headers
+DEAD_LETTER_MAX_KEY = 1024
+DEAD_LETTER_MAX_HEADERS = 64 * 1024       # original headers beyond this are left out (counted)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    key: Optional[bytes]
+    value: Optional[bytes]
+    headers: list
+
+
+def dead_letter(key: Optional[bytes], value: Optional[bytes], original_headers, reason: str,
+                detail: str, topic: str, partition: int, offset: int, group: str) -> DeadLetter:
+    """The dead-letter record of a rejected message: the original key, value and headers
+    (cut to fit :data:`DEAD_LETTER_MAX_BYTES`) plus where it came from and why."""
+    import hashlib
+
+    ours = [("dlq.reason", reason.encode()), ("dlq.detail", detail[:1000].encode()),
+            ("dlq.source.topic", topic.encode()), ("dlq.source.partition", str(partition).encode()),
+            ("dlq.source.offset", str(offset).encode()), ("dlq.consumer.group", group.encode())]
+    kept, size = [], 0
+    original = list(original_headers or [])
+    for name, val in original:
+        n = len(name) + len(val or b"")
+        if size + n > DEAD_LETTER_MAX_HEADERS:
+            break
+        kept.append((name, val))
+        size += n
+    if len(kept) < len(original):
+        ours.append(("dlq.headers.dropped", str(len(original) - len(kept)).encode()))
+    if key is not None and len(key) > DEAD_LETTER_MAX_KEY:
+        ours += [("dlq.key.truncated", str(len(key)).encode()),
+                 ("dlq.key.sha256", hashlib.sha256(key).hexdigest().encode())]
+        key = key[:DEAD_LETTER_MAX_KEY]
+    # the value gets what is left after the key and every header (ours include the two below)
+    room = DEAD_LETTER_MAX_BYTES - len(key or b"") - size - 200 - \
+        sum(len(n) + len(v) for n, v in ours)
+    if value is not None and len(value) > room:
+        ours += [("dlq.value.truncated", str(len(value)).encode()),
+                 ("dlq.value.sha256", hashlib.sha256(value).hexdigest().encode())]
+        value = value[:room]
+    return DeadLetter(key, value, kept + ours)

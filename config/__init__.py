@@ -180,6 +180,8 @@ class ConsumerSettings:
     torch_threads: int = field(default=1, metadata=_rng(1, 256))
     log_interval_s: float = field(default=5.0, metadata=_rng(0.1, 3600))
     metrics_port: Optional[int] = field(default=None, metadata=_rng(1, 65535))
+    session_timeout_s: float = field(default=45.0, metadata=_rng(1.0, 3600.0))
+    retry_for_s: float = field(default=600.0, metadata=_rng(0.0, 86_400.0))
     pspl_fit: PsplFitSettings = PsplFitSettings()
 
     @property

@@ -29,23 +29,16 @@ from tests.helpers import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 
-# A ``ulens consume`` whose Kafka consumer has a short group session (6 s, the broker's
-# minimum) instead of librdkafka's 45 s: after a SIGKILL the restarted member gets its
-# partitions as soon as the dead one's session expires. Everything else is the command.
-# With FAULTS_GO_FILE set it is a warm spare: it imports the broker (torch...), touches
-# FAULTS_GO_FILE.ready, and waits for FAULTS_GO_FILE before it starts consuming.
-_SHORT_SESSION = (
+# A warm spare ``ulens consume``: it imports the broker (torch...), touches
+# FAULTS_GO_FILE.ready, and waits for FAULTS_GO_FILE before it starts consuming, so a
+# restart after a SIGKILL costs no Python start-up. Everything else is the command.
+_SPARE = (
     "import os, sys, time\n"
-    "import broker.consumer as bc\n"
-    "_cc = bc.consumer_config\n"
-    "bc.consumer_config = lambda s, g: {**_cc(s, g), 'session.timeout.ms': 6000, "
-    "'heartbeat.interval.ms': 1000}\n"
-    "go = os.environ.get('FAULTS_GO_FILE')\n"
-    "if go:\n"
-    "    import training.artifact, ulens.cli, broker.cli_consume\n"
-    "    open(go + '.ready', 'w').close()\n"
-    "    while not os.path.exists(go):\n"
-    "        time.sleep(0.02)\n"
+    "go = os.environ['FAULTS_GO_FILE']\n"
+    "import training.artifact, ulens.cli, broker.cli_consume\n"
+    "open(go + '.ready', 'w').close()\n"
+    "while not os.path.exists(go):\n"
+    "    time.sleep(0.02)\n"
     "from ulens.cli import main\n"
     "sys.exit(main(['consume'] + sys.argv[1:]))\n")
 
@@ -142,22 +135,20 @@ class ConsumerProc:
     """One ``ulens consume`` process; stdout/stderr in files under ``log_dir``."""
 
     def __init__(self, conf: Path, topic: str, group: str, log_dir: Path, name: str, *,
-                 until_idle: Optional[float] = None, short_session: bool = False,
+                 until_idle: Optional[float] = None,
                  extra: tuple = (), env: Optional[dict] = None, spare: bool = False):
         self.env = clean_env() if env is None else dict(env)
         self.go_file = log_dir / f"{name}.go" if spare else None
         if spare:
             self.env["FAULTS_GO_FILE"] = str(self.go_file)
-            short_session = True
         self.args = ["--config", str(conf), "--topic", topic, "--group", group, "--device", "cpu",
                      *(["--until-idle", str(until_idle)] if until_idle is not None else []), *extra]
-        self.short_session = short_session
         self.out = log_dir / f"{name}.out"
         self.err = log_dir / f"{name}.err"
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "ConsumerProc":
-        cmd = ([sys.executable, "-c", _SHORT_SESSION] if self.short_session
+        cmd = ([sys.executable, "-c", _SPARE] if self.go_file is not None
                else [sys.executable, "-m", "ulens.cli", "consume"]) + self.args
         with open(self.out, "wb") as o, open(self.err, "wb") as e:
             self.proc = subprocess.Popen(cmd, stdout=o, stderr=e, stdin=subprocess.DEVNULL,

@@ -348,12 +348,6 @@ def test_fuzz_malformed_messages_dead_lettered_valid_points_stored(services, top
 N_OVERSIZE_VALID = 30          # valid points around the oversized messages
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the broker's producer keeps librdkafka's message.max.bytes (1,000,000), so a "
-    "message Kafka accepted (up to 2 MiB here) cannot be copied to the dead-letter topic: "
-    "produce() raises MSG_SIZE_TOO_LARGE, the consumer exits, and restarts hit the same "
-    "message (a poison pill). Fix proposed in broker/consumer.py _deliver: cap the dead "
-    "letter's key/value (headers dlq.value.truncated + dlq.value.sha256)."))
 def test_messages_near_the_size_limit_are_dead_lettered(services, topics, redis_client, key_prefix, tmp_path):
     """Malformed messages of ~1.9 MB (absurd band, junk frame, junk key) go to the dead
     letters like any other, and the valid points around them are stored."""

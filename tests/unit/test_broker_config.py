@@ -42,3 +42,14 @@ def test_plaintext_defaults_have_no_secrets(tmp_path, monkeypatch):
     s = _settings(tmp_path, "kafka:\n  bootstrap_servers: k:9092\nredis:\n  url: redis://r:6379/0\n")
     assert "sasl.password" not in consumer_config(s, "g")
     assert "password" not in redis_client(s).connection_pool.connection_kwargs
+
+
+def test_group_session_reaches_the_consumer(tmp_path):
+    from confluent_kafka import Consumer
+
+    s = _settings(tmp_path, "kafka:\n  bootstrap_servers: k:9092\nconsumer:\n  session_timeout_s: 6\n")
+    c = consumer_config(s, "g")
+    assert c["session.timeout.ms"] == 6000 and c["heartbeat.interval.ms"] == 2000
+    Consumer(c).close()                    # librdkafka accepts the combination
+    d = consumer_config(_settings(tmp_path, "kafka:\n  bootstrap_servers: k:9092\n"), "g")
+    assert d["session.timeout.ms"] == 45_000 and d["heartbeat.interval.ms"] == 3000

@@ -7,7 +7,7 @@ import fastavro
 import numpy as np
 import pytest
 
-from broker.validate import (Rejected, check_magnitudes, dead_letter_headers, magnitudes,
+from broker.validate import (Rejected, check_magnitudes, DEAD_LETTER_MAX_BYTES, dead_letter, magnitudes,
                              validate_batch)
 from schemas import HEADER, default_codec, load_schema_json
 from tests.helpers import mock_alert
@@ -107,9 +107,44 @@ def test_check_magnitudes_vectorised():
     assert out[0] is None and out[1].reason == "absurd_value" and out[2].reason == "absurd_value"
 
 
-def test_dead_letter_headers_keep_the_original_ones():
-    h = dead_letter_headers([("trace", b"abc")], "bad_body", "x", "alerts", 3, 17, "g")
-    d = dict(h)
-    assert d["trace"] == b"abc" and d["dlq.reason"] == b"bad_body"
-    assert d["dlq.source.topic"] == b"alerts" and d["dlq.source.partition"] == b"3"
-    assert d["dlq.source.offset"] == b"17" and d["dlq.consumer.group"] == b"g"
+def test_dead_letter_keeps_the_original_message_and_says_where_it_came_from():
+    d = dead_letter(b"42", b"body", [("trace", b"abc")], "bad_body", "x", "alerts", 3, 17, "g")
+    h = dict(d.headers)
+    assert (d.key, d.value) == (b"42", b"body")
+    assert h["trace"] == b"abc" and h["dlq.reason"] == b"bad_body"
+    assert h["dlq.source.topic"] == b"alerts" and h["dlq.source.partition"] == b"3"
+    assert h["dlq.source.offset"] == b"17" and h["dlq.consumer.group"] == b"g"
+    assert not any(k.endswith((".truncated", ".dropped")) for k in h)
+
+
+def _size(d) -> int:
+    return len(d.key or b"") + len(d.value or b"") + sum(len(k) + len(v) for k, v in d.headers)
+
+
+@pytest.mark.parametrize("key_len,value_len,n_headers", [
+    (10, 3_000_000, 0), (2_000_000, 10, 0), (2_000_000, 2_000_000, 3), (10, 10, 5_000)])
+def test_dead_letter_too_big_is_cut_to_a_prefix_that_says_how_long_it_was(key_len, value_len, n_headers):
+    import hashlib
+
+    rng = np.random.default_rng(key_len + value_len)
+    key, value = rng.bytes(key_len), rng.bytes(value_len)
+    original = [(f"h{i}", b"v" * 100) for i in range(n_headers)]
+    d = dead_letter(key, value, original, "bad_magic_byte", "x" * 5000, "alerts", 0, 9, "g")
+    h = dict(d.headers)
+    assert _size(d) <= DEAD_LETTER_MAX_BYTES
+    for got, orig, name in ((d.key, key, "key"), (d.value, value, "value")):
+        assert got == orig[:len(got)] and len(got) > 0
+        if got != orig:
+            assert int(h[f"dlq.{name}.truncated"]) == len(orig)
+            assert h[f"dlq.{name}.sha256"] == hashlib.sha256(orig).hexdigest().encode()
+        else:
+            assert f"dlq.{name}.truncated" not in h
+    kept = [k for k, _ in d.headers if k.startswith("h")]
+    assert kept == [k for k, _ in original[:len(kept)]]
+    assert int(h.get("dlq.headers.dropped", b"0")) == n_headers - len(kept)
+    assert h["dlq.reason"] == b"bad_magic_byte" and h["dlq.source.offset"] == b"9"
+
+
+def test_dead_letter_of_a_message_without_key_or_value():
+    d = dead_letter(None, None, None, "bad_key", "no key", "alerts", 0, 1, "g")
+    assert d.key is None and d.value is None and dict(d.headers)["dlq.reason"] == b"bad_key"

@@ -1,0 +1,128 @@
+"""Riding out service faults: which errors are worth waiting out, and how long to wait.
+
+The consumer's state is idempotent and offsets are committed only after the Redis writes
+and the deliveries succeeded, so a batch that failed on a transient fault (Redis restarting
+or unreachable, the Kafka broker restarting, its group coordinator loading) can simply be
+run again once the service is back. Everything else (bad settings, authorisation, a fatal
+client error) is not retried: it needs a person.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from broker.errors import BrokerError, DeliveryError
+
+
+def _kafka_codes(*names: str) -> frozenset:
+    from confluent_kafka import KafkaError
+
+    return frozenset(getattr(KafkaError, n) for n in names if hasattr(KafkaError, n))
+
+
+def transient_kafka_codes() -> frozenset:
+    """librdkafka/Kafka error codes of a broker or coordinator that is away for a while
+    (besides those the error marks ``retriable()``)."""
+    return _kafka_codes(
+        "_TRANSPORT", "_ALL_BROKERS_DOWN", "_TIMED_OUT", "_MSG_TIMED_OUT", "_WAIT_COORD",
+        "_RESOLVE", "_DESTROY_BROKER", "COORDINATOR_LOAD_IN_PROGRESS", "NOT_COORDINATOR",
+        "COORDINATOR_NOT_AVAILABLE", "REQUEST_TIMED_OUT", "NOT_LEADER_FOR_PARTITION",
+        "LEADER_NOT_AVAILABLE", "NOT_ENOUGH_REPLICAS", "NOT_ENOUGH_REPLICAS_AFTER_APPEND",
+        "NETWORK_EXCEPTION", "KAFKA_STORAGE_ERROR", "BROKER_NOT_AVAILABLE")
+
+
+def rebalance_kafka_codes() -> frozenset:
+    """Commit errors meaning this member no longer owns the partitions: the batch must stay
+    uncommitted (the partitions' next owner re-reads it; the state absorbs the re-run)."""
+    return _kafka_codes("ILLEGAL_GENERATION", "UNKNOWN_MEMBER_ID", "REBALANCE_IN_PROGRESS",
+                        "_ASSIGNMENT_LOST", "FENCED_INSTANCE_ID", "_MAX_POLL_EXCEEDED", "_STATE")
+
+
+def kafka_error_is_transient(err) -> bool:
+    """A ``KafkaError`` a retry can get past (never a fatal one)."""
+    if err is None or err.fatal():
+        return False
+    return err.retriable() or err.code() in transient_kafka_codes()
+
+
+def transient_cause(exc: BaseException) -> Optional[str]:
+    """``"redis"`` or ``"kafka"`` when ``exc`` is a fault of that service worth waiting
+    out; None when it is not (it must stop the consumer)."""
+    import redis
+    from confluent_kafka import KafkaException
+
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                        redis.exceptions.TryAgainError, redis.exceptions.ReadOnlyError)):
+        return "redis"          # BusyLoadingError (LOADING after a restart) is a ConnectionError
+    if isinstance(exc, DeliveryError):
+        return "kafka" if exc.transient else None
+    if isinstance(exc, KafkaException):
+        return "kafka" if kafka_error_is_transient(exc.args[0] if exc.args else None) else None
+    return None
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with jitter: ``first`` doubling up to ``cap`` seconds, each delay
+    drawn in [delay/2, delay] so that consumers hit by the same outage do not retry in step;
+    gives up once ``budget`` seconds have passed since the first failure."""
+    budget: float
+    first: float = 0.5
+    cap: float = 30.0
+    clock: Callable[[], float] = time.monotonic
+    rng: random.Random = field(default_factory=random.Random)
+    attempt: int = 0
+    started: Optional[float] = None
+
+    def next_delay(self) -> Optional[float]:
+        """Seconds to wait before the next try, or None when the budget is spent."""
+        now = self.clock()
+        if self.started is None:
+            self.started = now
+        left = self.budget - (now - self.started)
+        if left <= 0:
+            return None
+        delay = min(self.cap, self.first * 2 ** self.attempt)
+        self.attempt += 1
+        return min(left, delay * (0.5 + 0.5 * self.rng.random()))
+
+    def elapsed(self) -> float:
+        return 0.0 if self.started is None else self.clock() - self.started
+
+
+class GaveUp(BrokerError):
+    """A transient fault lasted longer than ``consumer.retry_for_s``."""
+
+
+def retrying(what: str, fn: Callable, *, budget: float, stop, log, count=None,
+             backoff: Optional[Backoff] = None):
+    """``fn()``, run again after each transient fault (``transient_cause``) with backoff.
+
+    ``stop`` (a ``threading.Event``) set ends the waiting: the last error is raised (the
+    caller is shutting down and commits nothing). ``count(cause)`` is called once per retry
+    (metrics). After ``budget`` seconds of failures :class:`GaveUp` is raised."""
+    b = backoff or Backoff(budget)
+    while True:
+        try:
+            result = fn()
+        except Exception as exc:
+            cause = transient_cause(exc)
+            if cause is None or stop.is_set():
+                raise
+            delay = b.next_delay()
+            if delay is None:
+                raise GaveUp(f"{what}: {cause} still failing after {b.elapsed():.0f} s "
+                             f"(consumer.retry_for_s = {budget:g}): {type(exc).__name__}: {exc}") from exc
+            if count is not None:
+                count(cause)
+            log.warning("%s failed (%s unavailable: %s: %s); nothing committed, retry %d in %.1f s",
+                        what, cause, type(exc).__name__, str(exc)[:200], b.attempt, delay)
+            if stop.wait(delay):
+                raise
+            continue
+        if b.attempt:
+            log.info("%s succeeded after %d retr%s over %.1f s", what, b.attempt,
+                     "y" if b.attempt == 1 else "ies", b.elapsed())
+        return result
