@@ -29,6 +29,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -96,11 +97,108 @@ def _stats(v: np.ndarray) -> dict:
             "median": float(q[2]), "p75": float(q[3]), "p90": float(q[4])}
 
 
+def first_index(running: np.ndarray, thr: float) -> Optional[int]:
+    """First point where the running score reaches thr (running is non-decreasing)."""
+    j = int(np.searchsorted(running, thr, side="left"))
+    return j if j < len(running) else None
+
+
+def summarize(name: str, ds, events, running: list, thr: float, early_detection: bool = True,
+              sweep=SWEEP) -> dict:
+    """The evaluation figures of one rule from its per-point running event score (the
+    TD-CNN's and the PSPL-fit rule's alike): classification, ROC, PSPL vs detectable
+    binaries, recall by Δχ², decision time, a threshold sweep and early detection. The
+    arrays behind the plots are under ``_arrays`` (not for the JSON)."""
+    from training import metrics
+
+    labels = ds.label[events].astype(int)
+    dchi2 = ds.params["dchi2"][events]
+    t0, tE = ds.params["t0"][events], ds.params["tE"][events]
+    scores = np.array([r[-1] if len(r) else -np.inf for r in running])
+    det = metrics.detectable_mask(labels, dchi2)
+    bin_det = det & (labels == 1)
+    s: dict = {"rule": name, "threshold": float(thr), "n_events": int(len(events)),
+               "n_pspl": int((labels == 0).sum()), "n_binary": int((labels == 1).sum())}
+    s["classification"] = metrics.classification(labels, scores, thr)
+    s["roc_auc"] = metrics.roc_auc(labels, scores)
+    s["pr_auc"] = metrics.pr_auc(labels, scores)
+    s["detectable"] = {
+        "dchi2_min": metrics.DETECTABLE_DCHI2, "n_binary": int(bin_det.sum()),
+        "roc_auc": metrics.roc_auc(labels[det], scores[det]),
+        "recall_at_threshold": float((scores[bin_det] >= thr).mean()) if bin_det.any() else None,
+        "pspl_firing_rate": float((scores[labels == 0] >= thr).mean()) if (labels == 0).any() else None}
+    from training import decision
+    if (labels == 0).any() and bin_det.any():
+        for rate in (0.05, 0.01):
+            th = decision.threshold_for_false_rate(scores[labels == 0], rate)
+            s["detectable"][f"recall_at_{int(rate * 100)}pct_test_pspl_firing"] = \
+                float((scores[bin_det] >= th).mean())
+    s["binary_dchi2_fractions"] = {
+        "below_25": float(np.mean(dchi2[labels == 1] < 25)) if (labels == 1).any() else None,
+        "below_160": float(np.mean(dchi2[labels == 1] < 160)) if (labels == 1).any() else None}
+    s["recall_by_dchi2"] = metrics.recall_by_dchi2(labels, scores, dchi2, thr)
+    dt_days = _decision_days(ds, events, running, thr, t0)
+    s["decision_time"] = {
+        "binary_detectable_days": _stats(dt_days[bin_det]), "binary_detectable_tE": _stats((dt_days / tE)[bin_det]),
+        "binary_all_tE": _stats((dt_days / tE)[labels == 1]),
+        "pspl_false_trigger_tE": _stats((dt_days / tE)[labels == 0]),
+        "fraction_detectable_fired_before_t0": float(np.mean(np.nan_to_num(dt_days[bin_det], nan=np.inf) < 0))
+        if bin_det.any() else None}
+    rows = []
+    for th in sorted(set(sweep) | {round(float(thr), 6)}):
+        c = metrics.classification(labels, scores, th)
+        d = _decision_days(ds, events, running, th, t0)
+        fd = (d / tE)[bin_det]
+        fd = fd[np.isfinite(fd)]
+        rows.append({"threshold": th, "precision": c["precision"], "recall": c["recall"], "f1": c["f1"],
+                     "pspl_firing_rate": c["pspl_firing_rate"],
+                     "recall_detectable": float((scores[bin_det] >= th).mean()) if bin_det.any() else None,
+                     "median_decision_time_tE_detectable": float(np.median(fd)) if len(fd) else None})
+    s["threshold_sweep"] = rows
+    if early_detection:
+        s["early_detection"] = _early(ds, events, running, thr, labels, det, bin_det, t0, tE)
+    s["_arrays"] = {"labels": labels, "scores": scores, "det": det, "bin_det": bin_det,
+                    "dt_tE": dt_days / tE, "dchi2": dchi2}
+    return s
+
+
+def _decision_days(ds, events, running, thr, t0) -> np.ndarray:
+    out = np.full(len(events), np.nan)
+    for k, (i, r) in enumerate(zip(events, running)):
+        j = first_index(r, thr)
+        if j is not None:
+            out[k] = ds.event(int(i))[0][j] - t0[k]
+    return out
+
+
+def _early(ds, events, running, thr, labels, det, bin_det, t0, tE) -> list[dict]:
+    from training import metrics
+
+    rows = []
+    cuts = [(f"{int(round(f * 100))}%", lambda n, k, f=f: int(np.ceil(f * n))) for f in FRACTIONS]
+    cuts += [(name, lambda n, k, c=c: int(np.searchsorted(ds.event(int(events[k]))[0],
+                                                           t0[k] + c * tE[k], side="right")))
+             for name, c in TIME_CUTS]
+    for name, cut in cuts:
+        s = np.empty(len(events))
+        for k, r in enumerate(running):
+            n = cut(len(r), k)
+            s[k] = r[n - 1] if n >= 1 else -np.inf
+        fired = s >= thr
+        rows.append({"cut": name, "roc_auc": metrics.roc_auc(labels, s),
+                     "roc_auc_detectable": metrics.roc_auc(labels[det], s[det]),
+                     "recall_detectable": float(fired[bin_det].mean()) if bin_det.any() else None,
+                     "recall": float(fired[labels == 1].mean()) if (labels == 1).any() else None,
+                     "pspl_firing_rate": float(fired[labels == 0].mean()) if (labels == 0).any() else None})
+    return rows
+
+
+
 def evaluate(model_dir, data, split: str = "test", early_detection: bool = True,
              device: str = "cpu", plots: bool = True, output=None) -> dict:
     """Score held-out events; write ``output`` (default ``model_dir/evaluation``); return the summary."""
     from training import dataset as dataset_mod
-    from training import decision, metrics
+    from training import decision
     from training.artifact import load_artifact
 
     model_dir, data_path = Path(model_dir), Path(data)
@@ -115,94 +213,20 @@ def evaluate(model_dir, data, split: str = "test", early_detection: bool = True,
         raise EvaluateError(f"{data_path}: no events to evaluate")
     dec, thr = art.decision, art.threshold
     mp, sm = dec["min_points"], dec["smooth_window"]
-    labels = ds.label[events].astype(int)
-    dchi2 = ds.params["dchi2"][events]
-    t0, tE = ds.params["t0"][events], ds.params["tE"][events]
-    probs = event_probs(art, ds, events)
-    running = [decision.running_score(p, mp, sm) for p in probs]
-    scores = np.array([r[-1] if len(r) else -np.inf for r in running])
-    det = metrics.detectable_mask(labels, dchi2)
-    bin_det = det & (labels == 1)
-
+    running = [decision.running_score(p, mp, sm) for p in event_probs(art, ds, events)]
+    s = summarize("tdcnn", ds, events, running, thr, early_detection)
     summary: dict = {
         "model": {"dir": str(model_dir), "version": art.version, "threshold": thr, "decision": dec},
         "data": {"path": str(data_path), "n_events": int(ds.n_events), "meta": ds.meta, **chosen},
-        "n_events": int(len(events)), "n_pspl": int((labels == 0).sum()), "n_binary": int((labels == 1).sum()),
         "score": "event score = max over points (>= min_points seen) of the causal "
                  f"{sm}-point mean of P(binary)",
-    }
-    summary["classification"] = metrics.classification(labels, scores, thr)
-    summary["roc_auc"] = metrics.roc_auc(labels, scores)
-    summary["pr_auc"] = metrics.pr_auc(labels, scores)
-    summary["detectable"] = {
-        "dchi2_min": metrics.DETECTABLE_DCHI2, "n_binary": int(bin_det.sum()),
-        "roc_auc": metrics.roc_auc(labels[det], scores[det]),
-        "recall_at_threshold": float((scores[bin_det] >= thr).mean()) if bin_det.any() else None,
-        "pspl_firing_rate": float((scores[labels == 0] >= thr).mean()) if (labels == 0).any() else None,
-    }
-    if (labels == 0).any() and bin_det.any():  # reference only: threshold fitted on these test PSPL
-        for rate in (0.05, 0.01):
-            th = decision.threshold_for_false_rate(scores[labels == 0], rate)
-            summary["detectable"][f"recall_at_{int(rate * 100)}pct_test_pspl_firing"] = \
-                float((scores[bin_det] >= th).mean())
-    summary["binary_dchi2_fractions"] = {
-        "below_25": float(np.mean(dchi2[labels == 1] < 25)) if (labels == 1).any() else None,
-        "below_160": float(np.mean(dchi2[labels == 1] < 160)) if (labels == 1).any() else None}
-    summary["recall_by_dchi2"] = metrics.recall_by_dchi2(labels, scores, dchi2, thr)
-
-    # decision time at the card threshold
-    first = [decision.first_trigger(p, thr, mp, sm) for p in probs]
-    t_fire = np.array([ds.event(int(i))[0][j] if j is not None else np.nan for i, j in zip(events, first)])
-    dt_days = t_fire - t0
-    summary["decision_time"] = {
-        "binary_detectable_days": _stats(dt_days[bin_det]), "binary_detectable_tE": _stats((dt_days / tE)[bin_det]),
-        "binary_all_tE": _stats((dt_days / tE)[labels == 1]),
-        "pspl_false_trigger_tE": _stats((dt_days / tE)[labels == 0]),
-        "fraction_detectable_fired_before_t0": float(np.mean(np.nan_to_num(dt_days[bin_det], nan=np.inf) < 0))
-        if bin_det.any() else None}
-
-    # threshold sweep
-    sweep = []
-    for th in sorted(set(SWEEP) | {round(thr, 6)}):
-        c = metrics.classification(labels, scores, th)
-        fired_det = scores[bin_det] >= th
-        fd = []
-        for k in np.flatnonzero(bin_det):
-            j = decision.first_trigger(probs[k], th, mp, sm)
-            if j is not None:
-                fd.append((ds.event(int(events[k]))[0][j] - t0[k]) / tE[k])
-        sweep.append({"threshold": th, "precision": c["precision"], "recall": c["recall"], "f1": c["f1"],
-                      "pspl_firing_rate": c["pspl_firing_rate"],
-                      "recall_detectable": float(fired_det.mean()) if bin_det.any() else None,
-                      "median_decision_time_tE_detectable": float(np.median(fd)) if fd else None})
-    summary["threshold_sweep"] = sweep
-
-    # early detection (one causal run = cut-and-rerun, see module docstring)
-    if early_detection:
-        rows = []
-        cuts = [(f"{int(round(f * 100))}%", lambda n, k, f=f: int(np.ceil(f * n))) for f in FRACTIONS]
-        cuts += [(name, lambda n, k, c=c: int(np.searchsorted(ds.event(int(events[k]))[0],
-                                                               t0[k] + c * tE[k], side="right")))
-                 for name, c in TIME_CUTS]
-        for name, cut in cuts:
-            s = np.empty(len(events))
-            for k, r in enumerate(running):
-                n = cut(len(r), k)
-                s[k] = r[n - 1] if n >= 1 else -np.inf
-            fired = s >= thr
-            rows.append({"cut": name, "roc_auc": metrics.roc_auc(labels, s),
-                         "roc_auc_detectable": metrics.roc_auc(labels[det], s[det]),
-                         "recall_detectable": float(fired[bin_det].mean()) if bin_det.any() else None,
-                         "recall": float(fired[labels == 1].mean()) if (labels == 1).any() else None,
-                         "pspl_firing_rate": float(fired[labels == 0].mean()) if (labels == 0).any() else None})
-        summary["early_detection"] = rows
-
+        **{k: v for k, v in s.items() if k not in ("rule", "threshold")}}
+    a = summary.pop("_arrays")
     out = Path(output) if output is not None else model_dir / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     summary["output"] = str(out)
     if plots:
-        summary["plots"] = _plots(out, labels, scores, det, bin_det, dt_days / tE, dchi2, thr,
-                                  summary.get("early_detection"))
+        summary["plots"] = _plots(out, a, thr, summary.get("early_detection"))
     (out / "evaluation_summary.json").write_text(json.dumps(summary, indent=2, default=_json) + "\n")
     return summary
 
@@ -213,7 +237,11 @@ def _json(o):
     raise TypeError(type(o).__name__)
 
 
-def _plots(out: Path, labels, scores, det, bin_det, dt_tE, dchi2, thr, early) -> list[str]:
+def _plots(out: Path, arrays: dict, thr, early) -> list[str]:
+    """roc.png, decision_time.png, recall_vs_dchi2.png (and early_detection.png) from the
+    ``_arrays`` of :func:`summarize`."""
+    labels, scores, det, bin_det, dt_tE, dchi2 = (arrays[k] for k in (
+        "labels", "scores", "det", "bin_det", "dt_tE", "dchi2"))
     import matplotlib
 
     matplotlib.use("Agg")

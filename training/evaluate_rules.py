@@ -33,7 +33,7 @@ from typing import Optional
 import numpy as np
 
 from training import psplfit
-from training.evaluate import FRACTIONS, SWEEP, TIME_CUTS, EvaluateError, _json, _plots, _save, _stats
+from training.evaluate import EvaluateError, _json, _plots, _save, summarize
 
 PSPL_SWEEP = (20.0, 25.0, 30.0, 40.0, 50.0, 60.0, 80.0, 100.0, 150.0, 250.0, 500.0, 1000.0)
 DT_GRID_TE = np.linspace(-2.0, 3.0, 101)
@@ -86,97 +86,6 @@ def tdcnn_running(art, ds, events) -> tuple[list[np.ndarray], float]:
     return [decision.running_score(p, dec["min_points"], dec["smooth_window"]) for p in probs], cpu
 
 
-def first_index(running: np.ndarray, thr: float) -> Optional[int]:
-    """First point where the running score reaches thr (running is non-decreasing)."""
-    j = int(np.searchsorted(running, thr, side="left"))
-    return j if j < len(running) else None
-
-
-# --------------------------------------------------------------------------- summary
-def summarize(name: str, ds, events, running: list, thr: float, early_detection: bool = True,
-              sweep=SWEEP) -> dict:
-    """The evaluation figures of one rule from its per-point running event score."""
-    from training import metrics
-
-    labels = ds.label[events].astype(int)
-    dchi2 = ds.params["dchi2"][events]
-    t0, tE = ds.params["t0"][events], ds.params["tE"][events]
-    scores = np.array([r[-1] if len(r) else -np.inf for r in running])
-    det = metrics.detectable_mask(labels, dchi2)
-    bin_det = det & (labels == 1)
-    s: dict = {"rule": name, "threshold": float(thr), "n_events": int(len(events)),
-               "n_pspl": int((labels == 0).sum()), "n_binary": int((labels == 1).sum())}
-    s["classification"] = metrics.classification(labels, scores, thr)
-    s["roc_auc"] = metrics.roc_auc(labels, scores)
-    s["pr_auc"] = metrics.pr_auc(labels, scores)
-    s["detectable"] = {
-        "dchi2_min": metrics.DETECTABLE_DCHI2, "n_binary": int(bin_det.sum()),
-        "roc_auc": metrics.roc_auc(labels[det], scores[det]),
-        "recall_at_threshold": float((scores[bin_det] >= thr).mean()) if bin_det.any() else None,
-        "pspl_firing_rate": float((scores[labels == 0] >= thr).mean()) if (labels == 0).any() else None}
-    from training import decision
-    if (labels == 0).any() and bin_det.any():
-        for rate in (0.05, 0.01):
-            th = decision.threshold_for_false_rate(scores[labels == 0], rate)
-            s["detectable"][f"recall_at_{int(rate * 100)}pct_test_pspl_firing"] = \
-                float((scores[bin_det] >= th).mean())
-    s["recall_by_dchi2"] = metrics.recall_by_dchi2(labels, scores, dchi2, thr)
-    dt_days = _decision_days(ds, events, running, thr, t0)
-    s["decision_time"] = {
-        "binary_detectable_days": _stats(dt_days[bin_det]), "binary_detectable_tE": _stats((dt_days / tE)[bin_det]),
-        "binary_all_tE": _stats((dt_days / tE)[labels == 1]),
-        "pspl_false_trigger_tE": _stats((dt_days / tE)[labels == 0]),
-        "fraction_detectable_fired_before_t0": float(np.mean(np.nan_to_num(dt_days[bin_det], nan=np.inf) < 0))
-        if bin_det.any() else None}
-    rows = []
-    for th in sorted(set(sweep) | {round(float(thr), 6)}):
-        c = metrics.classification(labels, scores, th)
-        d = _decision_days(ds, events, running, th, t0)
-        fd = (d / tE)[bin_det]
-        fd = fd[np.isfinite(fd)]
-        rows.append({"threshold": th, "precision": c["precision"], "recall": c["recall"], "f1": c["f1"],
-                     "pspl_firing_rate": c["pspl_firing_rate"],
-                     "recall_detectable": float((scores[bin_det] >= th).mean()) if bin_det.any() else None,
-                     "median_decision_time_tE_detectable": float(np.median(fd)) if len(fd) else None})
-    s["threshold_sweep"] = rows
-    if early_detection:
-        s["early_detection"] = _early(ds, events, running, thr, labels, det, bin_det, t0, tE)
-    s["_arrays"] = {"labels": labels, "scores": scores, "det": det, "bin_det": bin_det,
-                    "dt_tE": dt_days / tE, "dchi2": dchi2}
-    return s
-
-
-def _decision_days(ds, events, running, thr, t0) -> np.ndarray:
-    out = np.full(len(events), np.nan)
-    for k, (i, r) in enumerate(zip(events, running)):
-        j = first_index(r, thr)
-        if j is not None:
-            out[k] = ds.event(int(i))[0][j] - t0[k]
-    return out
-
-
-def _early(ds, events, running, thr, labels, det, bin_det, t0, tE) -> list[dict]:
-    from training import metrics
-
-    rows = []
-    cuts = [(f"{int(round(f * 100))}%", lambda n, k, f=f: int(np.ceil(f * n))) for f in FRACTIONS]
-    cuts += [(name, lambda n, k, c=c: int(np.searchsorted(ds.event(int(events[k]))[0],
-                                                           t0[k] + c * tE[k], side="right")))
-             for name, c in TIME_CUTS]
-    for name, cut in cuts:
-        s = np.empty(len(events))
-        for k, r in enumerate(running):
-            n = cut(len(r), k)
-            s[k] = r[n - 1] if n >= 1 else -np.inf
-        fired = s >= thr
-        rows.append({"cut": name, "roc_auc": metrics.roc_auc(labels, s),
-                     "roc_auc_detectable": metrics.roc_auc(labels[det], s[det]),
-                     "recall_detectable": float(fired[bin_det].mean()) if bin_det.any() else None,
-                     "recall": float(fired[labels == 1].mean()) if (labels == 1).any() else None,
-                     "pspl_firing_rate": float(fired[labels == 0].mean()) if (labels == 0).any() else None})
-    return rows
-
-
 def public(s: dict) -> dict:
     return {k: v for k, v in s.items() if not k.startswith("_")}
 
@@ -219,9 +128,7 @@ def evaluate_pspl_fit(data, params: psplfit.Params, output, early_detection: boo
                        if cpu else None},
                **{k: v for k, v in public(s).items() if k != "rule"}, "output": str(out)}
     if plots:
-        a = s["_arrays"]
-        summary["plots"] = _plots(out, a["labels"], a["scores"], a["det"], a["bin_det"], a["dt_tE"],
-                                  a["dchi2"], params.threshold, summary.get("early_detection"))
+        summary["plots"] = _plots(out, s["_arrays"], params.threshold, summary.get("early_detection"))
     (out / "evaluation_summary.json").write_text(json.dumps(summary, indent=2, default=_json) + "\n")
     return summary
 
