@@ -224,6 +224,11 @@ def load_artifact(directory, device: str | torch.device = "cpu") -> Artifact:
         raise ArtifactError(f"{weights_path}: does not match the card's model arguments: "
                             f"{str(exc).splitlines()[0]}") from None
     dev = resolve_device(device)
+    if dev.type == "cuda":
+        # full float32 as on the CPU: the card's threshold was chosen on float32 outputs and
+        # cuDNN's default TF32 convolutions move probabilities by ~1e-3 (a trigger earlier
+        # or later than the CPU broker's)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     model.to(dev).eval()
     try:
         threshold = float(card["threshold"])

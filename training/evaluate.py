@@ -202,11 +202,7 @@ def evaluate(model_dir, data, split: str = "test", early_detection: bool = True,
     from training.artifact import load_artifact
 
     model_dir, data_path = Path(model_dir), Path(data)
-    art = load_artifact(model_dir, device=device)  # ArtifactError names the file
-    if art.device.type == "cuda":  # float32 as on the CPU broker, no TF32
-        import torch
-
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    art = load_artifact(model_dir, device=device)  # ArtifactError names the file (no TF32 on cuda)
     ds = dataset_mod.load(data_path)               # DatasetError names the file
     events, chosen = select_events(model_dir, art.card, data_path, ds, split)
     if len(events) == 0:

@@ -157,3 +157,33 @@ def test_batched_inputs_equal_per_window_inputs(artifact, pad_young):
     assert fast.vectorised and not slow.vectorised
     for a, b in zip(fast.score(jobs), slow.score(jobs)):
         assert np.array_equal(a, b)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="no CUDA device here (run on a GPU machine: scripts/gpu_check.py)")
+
+
+@needs_cuda
+def test_scorer_on_cuda_equals_the_cpu_full_curves(tmp_path):
+    """The broker's GPU path (young events right-padded into one pass, tail windows through
+    forward_last) gives the CPU's full-curve probabilities: no TF32, same triggers."""
+    cpu = make_artifact(tmp_path / "a", seed=3)
+    gpu = make_artifact(tmp_path / "b", seed=3, device="cuda")
+    assert gpu.device.type == "cuda" and not torch.backends.cudnn.allow_tf32
+    rng = np.random.default_rng(21)
+    curves = [light_curve(rng, int(n)) for n in rng.integers(5, 400, 64)]
+    jobs, expect = [], []
+    for t, mag, err in curves:
+        n = len(t)
+        new = int(rng.integers(1, min(4, n) + 1))
+        s = window_start(n - new, 0, REFERENCE_POINTS, gpu.receptive_field)
+        ref = float(np.median(mag[:REFERENCE_POINTS].astype(np.float64))) if n >= REFERENCE_POINTS else None
+        jobs.append(Job(n - new, s, t[s:], mag[s:], err[s:], ref))
+        expect.append(cpu.predict(cpu.inputs(t, mag, err)[None])[0][n - new:])
+    scorer = Scorer(gpu)
+    assert scorer.pad_young
+    for got, exp in zip(scorer.score(jobs), expect):
+        np.testing.assert_allclose(got, exp, atol=1e-5, rtol=0)
+    t, mag, err = curves[-1]
+    stream = _stream_windowed(gpu, t, mag, err, [1] * len(t), max_points=120)
+    np.testing.assert_allclose(stream, cpu.predict(cpu.inputs(t, mag, err)[None])[0], atol=1e-5, rtol=0)
