@@ -140,18 +140,24 @@ def test_window_start_rule():
     assert window_start(500, 450, k, rf) == 450     # never before the oldest stored point
 
 
+def newest_point_jobs(rng, curves, rf: int) -> list:
+    """The consumer's job for each whole curve when its newest 1-4 points are new."""
+    jobs = []
+    for t, mag, err in curves:
+        n = len(t)
+        new = int(rng.integers(1, min(4, n) + 1))
+        s = window_start(n - new, 0, REFERENCE_POINTS, rf)
+        ref = float(np.median(mag[:REFERENCE_POINTS].astype(np.float64))) if n >= REFERENCE_POINTS else None
+        jobs.append(Job(n - new, s, t[s:], mag[s:], err[s:], ref))
+    return jobs
+
+
 @pytest.mark.parametrize("pad_young", [False, True])
 def test_batched_inputs_equal_per_window_inputs(artifact, pad_young):
     """One inputs_batch call per group gives exactly what artifact.inputs per window gives."""
     rng = np.random.default_rng(8)
     curves = [light_curve(rng, int(n)) for n in rng.integers(5, 260, 30)]
-    jobs = []
-    for t, mag, err in curves:
-        n = len(t)
-        new = int(rng.integers(1, min(4, n) + 1))
-        s = window_start(n - new, 0, REFERENCE_POINTS, artifact.receptive_field)
-        ref = float(np.median(mag[:REFERENCE_POINTS].astype(np.float64))) if n >= REFERENCE_POINTS else None
-        jobs.append(Job(n - new, s, t[s:], mag[s:], err[s:], ref))
+    jobs = newest_point_jobs(rng, curves, artifact.receptive_field)
     fast = Scorer(artifact, pad_young=pad_young)
     slow = Scorer(artifact, vectorised=False, pad_young=pad_young)
     assert fast.vectorised and not slow.vectorised
@@ -172,14 +178,8 @@ def test_scorer_on_cuda_equals_the_cpu_full_curves(tmp_path):
     assert gpu.device.type == "cuda" and not torch.backends.cudnn.allow_tf32
     rng = np.random.default_rng(21)
     curves = [light_curve(rng, int(n)) for n in rng.integers(5, 400, 64)]
-    jobs, expect = [], []
-    for t, mag, err in curves:
-        n = len(t)
-        new = int(rng.integers(1, min(4, n) + 1))
-        s = window_start(n - new, 0, REFERENCE_POINTS, gpu.receptive_field)
-        ref = float(np.median(mag[:REFERENCE_POINTS].astype(np.float64))) if n >= REFERENCE_POINTS else None
-        jobs.append(Job(n - new, s, t[s:], mag[s:], err[s:], ref))
-        expect.append(cpu.predict(cpu.inputs(t, mag, err)[None])[0][n - new:])
+    jobs = newest_point_jobs(rng, curves, gpu.receptive_field)
+    expect = [cpu.predict(cpu.inputs(t, mag, err)[None])[0][j.n_scored:] for (t, mag, err), j in zip(curves, jobs)]
     scorer = Scorer(gpu)
     assert scorer.pad_young
     for got, exp in zip(scorer.score(jobs), expect):
