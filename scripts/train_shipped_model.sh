@@ -13,6 +13,7 @@
 #   BATCH_SIZE [128] LR [0.002]  PATIENCE [10]           WORKERS [nproc]
 #   SEED_TRAIN [20251] SEED_TEST [90210] SEED [0]        WORK [results/shipped]  (scratch folder)
 #   DEST [models/tdcnn-baseline]                         PYTHON [python3]
+#   SHARED_PRIORS [set]  u0/tE/fs ranges of both classes (simulate --shared-priors: set | wide)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -31,19 +32,22 @@ SEED_TEST=${SEED_TEST:-90210}
 SEED=${SEED:-0}
 WORK=${WORK:-results/shipped}
 DEST=${DEST:-models/tdcnn-baseline}
+SHARED_PRIORS=${SHARED_PRIORS:-set}
 mkdir -p "$WORK"
 log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
 
 SIM_TRAIN=(-m ulens.cli simulate --n-pspl $((N_TRAIN - N_TRAIN / 2)) --n-binary $((N_TRAIN / 2))
-           --binary-params baseline --output "$WORK/train.npz" --seed "$SEED_TRAIN" --workers "$WORKERS")
+           --binary-params baseline --output "$WORK/train.npz" --seed "$SEED_TRAIN" --workers "$WORKERS"
+           --shared-priors "$SHARED_PRIORS")
 SIM_TEST=(-m ulens.cli simulate --n-pspl $((N_TEST - N_TEST / 2)) --n-binary $((N_TEST / 2))
-          --binary-params baseline --output "$WORK/test.npz" --seed "$SEED_TEST" --workers "$WORKERS")
+          --binary-params baseline --output "$WORK/test.npz" --seed "$SEED_TEST" --workers "$WORKERS"
+          --shared-priors "$SHARED_PRIORS")
 log "simulate training set: $PY ${SIM_TRAIN[*]}"
 "$PY" "${SIM_TRAIN[@]}"
 log "simulate fresh test set: $PY ${SIM_TEST[*]}"
 "$PY" "${SIM_TEST[@]}"
 
-TRAIN=(-m ulens.cli train --data "$WORK/train.npz" --experiment-name tdcnn-baseline
+TRAIN=(-m ulens.cli train --data "$WORK/train.npz" --experiment-name "$(basename "$DEST")"
        --output-root "$WORK/runs" --epochs "$EPOCHS" --batch-size "$BATCH_SIZE" --lr "$LR"
        --patience "$PATIENCE" --max-minutes "$MAX_MINUTES" --seed "$SEED" --device auto --no-progress)
 log "train: $PY ${TRAIN[*]}"
@@ -62,7 +66,7 @@ cp "$RUN"/{weights.pt,model_card.json,scalers.json,config.json,summary.json,trai
 cp -r "$RUN/evaluation" "$DEST/evaluation"
 
 cat > "$WORK/commands.txt" <<EOF2
-N_TRAIN=$N_TRAIN N_TEST=$N_TEST MAX_MINUTES=$MAX_MINUTES EPOCHS=$EPOCHS BATCH_SIZE=$BATCH_SIZE LR=$LR PATIENCE=$PATIENCE SEED=$SEED WORKERS=$WORKERS
+SHARED_PRIORS=$SHARED_PRIORS N_TRAIN=$N_TRAIN N_TEST=$N_TEST MAX_MINUTES=$MAX_MINUTES EPOCHS=$EPOCHS BATCH_SIZE=$BATCH_SIZE LR=$LR PATIENCE=$PATIENCE SEED=$SEED WORKERS=$WORKERS
 python3 ${SIM_TRAIN[*]}
 python3 ${SIM_TEST[*]}
 python3 ${TRAIN[*]}
@@ -79,14 +83,16 @@ early = {r["cut"]: r for r in ev.get("early_detection", [])}
 f = lambda v: "n/a" if v is None else f"{v:.3f}"
 tr = card["training"]
 lines = [
-    "# tdcnn-baseline: the shipped TD-CNN",
+    f"# {dest.name}: a shipped TD-CNN",
     "",
     "Causal dilated TimeDistributed 1-D CNN (kernels 9/7/5, filters 128/64/32, dilations "
     f"{'/'.join(map(str, card['kwargs']['dilations']))}, receptive field {card['receptive_field']} points), "
     "trained on simulated baseline binary and PSPL events. Load it with "
-    "`training.artifact.load_artifact('models/tdcnn-baseline')` (weights_only, no pickle).",
+    f"`training.artifact.load_artifact('models/{dest.name}')` (weights_only, no pickle). "
+    f"Shared priors of both classes (u0, tE, fs): `{card['data'].get('meta', {}).get('shared_priors', 'set')}` "
+    "(`ulens simulate --shared-priors`).",
     "",
-    "## Figures on a fresh baseline test set (never seen in training or model selection)",
+    "## Figures on a fresh test set of the same priors (never seen in training or model selection)",
     "",
     f"- events: {ev['n_events']} ({ev['n_pspl']} PSPL, {ev['n_binary']} binary; "
     f"{d['n_binary']} binaries with Δχ² ≥ 160)",

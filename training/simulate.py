@@ -133,6 +133,15 @@ FS_PRIOR = U(0.5, 1.0)
 # The thesis' PSPL priors: a shortcut (the classes then differ in u0 and tE, so a
 # classifier can learn the simulator instead of the lens). Only with thesis_priors.
 THESIS_PSPL_PRIORS = {"u0": U(0.01, 1.0), "tE": U(10.0, 150.0)}
+# shared_priors "wide": u0, tE and fs for both classes from ranges that cover the
+# effective single-lens parameters of the binaries. A binary that looks like a PSPL
+# (wide or close topology) has an effective PSPL fs, tE, u0 outside the set's narrow
+# ranges (fitted fs ~0.02 for wide binaries drawn with fs >= 0.5); a model trained on
+# the narrow ranges learns "outside them = binary" and fires on 44-73% of real single
+# lenses that are blended (fs < 0.5), long (tE > 100 d) or far (u0 > 0.5)
+# (docs/BENCHMARKS.md, "Prior leak").
+WIDE_SHARED_PRIORS = {"u0": U(0.001, 1.0), "tE": LogU(5.0, 250.0), "fs": LogU(0.01, 1.0)}
+SHARED_PRIORS = ("set", "wide")
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,7 @@ class SimulationConfig:
     mag_error_std: float = 0.05
     thesis_priors: bool = False
     vbm_tol: float = physics.DEFAULT_TOL
+    shared_priors: str = "set"          # "set": u0/tE from the set, fs U(0.5, 1); "wide"
 
     def __post_init__(self):
         self.validate()
@@ -151,6 +161,12 @@ class SimulationConfig:
         if self.parameter_set not in PARAMETER_SETS:
             raise SimulationError(f"unknown binary parameter set {self.parameter_set!r}; "
                                   f"choose from {', '.join(PARAMETER_SETS)}")
+        if self.shared_priors not in SHARED_PRIORS:
+            raise SimulationError(f"unknown shared priors {self.shared_priors!r}; choose from "
+                                  f"{', '.join(SHARED_PRIORS)}")
+        if self.shared_priors == "wide" and self.thesis_priors:
+            raise SimulationError("--shared-priors wide and --thesis-priors contradict each other "
+                                  "(the thesis shortcut gives PSPL events their own u0/tE priors)")
         if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool) \
                 or self.seed < 0:
             raise SimulationError(f"seed must be a non-negative integer, got {self.seed!r}")
@@ -188,9 +204,14 @@ def draw_parameters(rng: np.random.Generator, kind: int, config: SimulationConfi
     """One parameter draw. Both classes draw the shared parameters in the same order from
     the same priors; binaries then draw s, q, alpha, rho."""
     priors = PARAMETER_SETS[config.parameter_set]
-    shared = THESIS_PSPL_PRIORS if (config.thesis_priors and kind == PSPL) else priors
+    if config.shared_priors == "wide":
+        shared = WIDE_SHARED_PRIORS
+    elif config.thesis_priors and kind == PSPL:
+        shared = {**THESIS_PSPL_PRIORS, "fs": FS_PRIOR}
+    else:
+        shared = {"u0": priors["u0"], "tE": priors["tE"], "fs": FS_PRIOR}
     p = {"t0": T0_PRIOR.draw(rng), "tE": shared["tE"].draw(rng), "u0": shared["u0"].draw(rng),
-         "baseline_mag": BASELINE_MAG_PRIOR.draw(rng), "fs": FS_PRIOR.draw(rng)}
+         "baseline_mag": BASELINE_MAG_PRIOR.draw(rng), "fs": shared["fs"].draw(rng)}
     if kind == BINARY:
         p.update(s=priors["s"].draw(rng), q=priors["q"].draw(rng),
                  alpha=ALPHA_PRIOR.draw(rng), rho=priors["rho"].draw(rng))
@@ -373,7 +394,11 @@ def simulate(n_pspl: int, n_binary: int, config: SimulationConfig | None = None,
     ids = np.where(kinds == PSPL, event_id(config.seed, PSPL, index),
                    event_id(config.seed, BINARY, index))
     failures = int(sum(r["failures"] for r in parts))
-    priors = PARAMETER_SETS[config.parameter_set]
+    priors = dict(PARAMETER_SETS[config.parameter_set])
+    fs_prior = FS_PRIOR
+    if config.shared_priors == "wide":
+        priors.update(u0=WIDE_SHARED_PRIORS["u0"], tE=WIDE_SHARED_PRIORS["tE"])
+        fs_prior = WIDE_SHARED_PRIORS["fs"]
     meta = {
         "generator": "training.simulate",
         "parameter_set": config.parameter_set,
@@ -383,9 +408,10 @@ def simulate(n_pspl: int, n_binary: int, config: SimulationConfig | None = None,
             "pspl": ({k: v.describe() for k, v in THESIS_PSPL_PRIORS.items()}
                      if config.thesis_priors else "same u0 and tE priors as the binaries"),
             "shared": {"t0": T0_PRIOR.describe() + " d", "baseline_mag": BASELINE_MAG_PRIOR.describe(),
-                       "fs": FS_PRIOR.describe()},
+                       "fs": fs_prior.describe()},
         },
         "thesis_priors": bool(config.thesis_priors),
+        "shared_priors": config.shared_priors,
         "seed": int(config.seed),
         "cadence": {"n_epochs": N_EPOCHS, "window_days": WINDOW_DAYS, "spacing": "even",
                     "mask_prob": float(config.cadence_mask_prob), "min_points": MIN_POINTS},
@@ -475,6 +501,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "0.01..1 and tE uniform 10..150 instead of the binary set's priors, so "
                         "the classes differ in u0/tE (a classifier can learn that); recorded in "
                         "the metadata")
+    g.add_argument("--shared-priors", choices=SHARED_PRIORS, default="set",
+                   help="u0, tE and source fraction fs, drawn alike for both classes: 'set' = "
+                        "u0/tE from --binary-params and fs uniform 0.5..1 (the thesis ranges); "
+                        "'wide' = u0 uniform 0.001..1, tE log-uniform 5..250 d, fs log-uniform "
+                        "0.01..1, ranges that cover the binaries' effective single-lens "
+                        "parameters (a model trained on 'set' fires on blended, long or distant "
+                        "single lenses outside its ranges)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
@@ -488,6 +521,8 @@ def _recorded_command(args: argparse.Namespace) -> str:
              "--vbm-tol", repr(float(args.vbm_tol))]
     if args.thesis_priors:
         parts.append("--thesis-priors")
+    if args.shared_priors != "set":
+        parts += ["--shared-priors", args.shared_priors]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -495,7 +530,7 @@ def run(args: argparse.Namespace) -> int:
     config = SimulationConfig(parameter_set=args.binary_params, seed=args.seed,
                               cadence_mask_prob=args.cadence_mask_prob,
                               mag_error_std=args.mag_error_std, thesis_priors=args.thesis_priors,
-                              vbm_tol=args.vbm_tol)
+                              vbm_tol=args.vbm_tol, shared_priors=args.shared_priors)
     config.validate()
     for name, n in (("--n-pspl", args.n_pspl), ("--n-binary", args.n_binary)):
         if n < 0:

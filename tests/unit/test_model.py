@@ -129,12 +129,13 @@ def test_forward_last_other_architectures(kw, monkeypatch):
     _check_all(m, [1, 3, 17, m.receptive_field, m.receptive_field + 9, 150], n_max=10)
 
 
-def test_forward_last_shipped_model():
+@pytest.mark.parametrize("name", ["tdcnn-baseline", "tdcnn-wide"])
+def test_forward_last_shipped_model(name):
     from pathlib import Path
 
     from training.artifact import load_artifact
 
-    d = Path(__file__).resolve().parents[2] / "models" / "tdcnn-baseline"
+    d = Path(__file__).resolve().parents[2] / "models" / name
     if not (d / "weights.pt").is_file():
         pytest.skip("shipped model not present")
     m = load_artifact(d).model

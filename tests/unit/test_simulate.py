@@ -137,6 +137,28 @@ def test_thesis_priors_shortcut_changes_only_pspl():
                                     SimulationConfig(seed=5))
 
 
+def test_wide_shared_priors_are_the_same_for_both_classes_and_cover_the_leaks():
+    cfg = SimulationConfig(seed=5, shared_priors="wide")
+    draws = {k: [sim.draw_parameters(sim.event_rng(5, sim.BINARY, i), k, cfg) for i in range(2000)]
+             for k in (sim.PSPL, sim.BINARY)}
+    for a, b in zip(draws[sim.PSPL], draws[sim.BINARY]):     # same stream -> same shared draws
+        for k in ("t0", "tE", "u0", "baseline_mag", "fs"):
+            assert a[k] == b[k], k
+    d = draws[sim.PSPL]
+    fs, te, u0 = (np.array([x[k] for x in d]) for k in ("fs", "tE", "u0"))
+    # beyond the set's fs >= 0.5, 10 <= tE <= 100 and u0 <= 0.5, well populated
+    assert (fs < 0.5).mean() > 0.7 and fs.min() >= 0.01 and (fs < 0.05).mean() > 0.2
+    assert (te < 10).mean() > 0.1 and (te > 100).mean() > 0.2 and 5 <= te.min() and te.max() <= 250
+    assert (u0 > 0.5).mean() > 0.4 and u0.min() >= 0.001
+    # the default is untouched: the same stream gives the set's narrow draws
+    narrow = sim.draw_parameters(sim.event_rng(5, sim.PSPL, 0), sim.PSPL, SimulationConfig(seed=5))
+    assert 0.5 <= narrow["fs"] <= 1 and 10 <= narrow["tE"] <= 100
+    with pytest.raises(sim.SimulationError, match="contradict"):
+        SimulationConfig(shared_priors="wide", thesis_priors=True)
+    with pytest.raises(sim.SimulationError, match="unknown shared priors 'huge'"):
+        SimulationConfig(shared_priors="huge")
+
+
 @pytest.mark.parametrize("name", sorted(sim.PARAMETER_SETS))
 def test_every_parameter_set_simulates(name):
     ds = sim.simulate(1, 2, SimulationConfig(parameter_set=name, seed=3), workers=0)
@@ -260,7 +282,7 @@ def test_help_explains_every_option(capsys):
         cli.main(["simulate", "--help"])
     out = capsys.readouterr().out
     for opt in ("--n-pspl", "--n-binary", "--binary-params", "--output", "--cadence-mask-prob",
-                "--mag-error-std", "--seed", "--workers", "--thesis-priors", "--vbm-tol",
+                "--mag-error-std", "--seed", "--workers", "--thesis-priors", "--vbm-tol", "--shared-priors",
                 "baseline", "distinct", "planetary", "stellar", "log-uniform", "SHORTCUT"):
         assert opt in out, opt
 
