@@ -211,12 +211,12 @@ class Broker:
 
     def _retrying(self, what: str, fn):
         """``fn()`` retried through transient Redis/Kafka faults (``broker.retry``)."""
-        def count(cause: str) -> None:
-            self.summary.retries[cause] += 1
-            self.metrics.retries.labels(cause).inc()
-
         return retrying(what, fn, budget=self.settings.consumer.retry_for_s, stop=self._stop,
-                        log=log, count=count)
+                        log=log, count=self._count_retry)
+
+    def _count_retry(self, cause: str) -> None:
+        self.summary.retries[cause] += 1
+        self.metrics.retries.labels(cause).inc()
 
     # --- one batch -----------------------------------------------------------------
     def process(self, msgs: list) -> None:

@@ -8,6 +8,7 @@ client error) is not retried: it needs a person.
 """
 from __future__ import annotations
 
+import functools
 import random
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ def _kafka_codes(*names: str) -> frozenset:
     return frozenset(getattr(KafkaError, n) for n in names if hasattr(KafkaError, n))
 
 
+@functools.cache
 def transient_kafka_codes() -> frozenset:
     """librdkafka/Kafka error codes of a broker or coordinator that is away for a while
     (besides those the error marks ``retriable()``)."""
@@ -33,6 +35,7 @@ def transient_kafka_codes() -> frozenset:
         "NETWORK_EXCEPTION", "KAFKA_STORAGE_ERROR", "BROKER_NOT_AVAILABLE")
 
 
+@functools.cache
 def rebalance_kafka_codes() -> frozenset:
     """Commit errors meaning this member no longer owns the partitions: the batch must stay
     uncommitted (the partitions' next owner re-reads it; the state absorbs the re-run)."""
@@ -103,7 +106,7 @@ def retrying(what: str, fn: Callable, *, budget: float, stop, log, count=None,
     ``stop`` (a ``threading.Event``) set ends the waiting: the last error is raised (the
     caller is shutting down and commits nothing). ``count(cause)`` is called once per retry
     (metrics). After ``budget`` seconds of failures :class:`GaveUp` is raised."""
-    b = backoff or Backoff(budget)
+    b = backoff            # made at the first fault: nothing extra per call on the hot path
     while True:
         try:
             result = fn()
@@ -111,6 +114,7 @@ def retrying(what: str, fn: Callable, *, budget: float, stop, log, count=None,
             cause = transient_cause(exc)
             if cause is None or stop.is_set():
                 raise
+            b = b or Backoff(budget)
             delay = b.next_delay()
             if delay is None:
                 raise GaveUp(f"{what}: {cause} still failing after {b.elapsed():.0f} s "
@@ -122,7 +126,7 @@ def retrying(what: str, fn: Callable, *, budget: float, stop, log, count=None,
             if stop.wait(delay):
                 raise
             continue
-        if b.attempt:
+        if b is not None and b.attempt:
             log.info("%s succeeded after %d retr%s over %.1f s", what, b.attempt,
                      "y" if b.attempt == 1 else "ies", b.elapsed())
         return result

@@ -23,6 +23,7 @@ human ``detail``. Reasons:
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -186,8 +187,6 @@ def dead_letter(key: Optional[bytes], value: Optional[bytes], original_headers, 
                 detail: str, topic: str, partition: int, offset: int, group: str) -> DeadLetter:
     """The dead-letter record of a rejected message: the original key, value and headers
     (cut to fit :data:`DEAD_LETTER_MAX_BYTES`) plus where it came from and why."""
-    import hashlib
-
     ours = [("dlq.reason", reason.encode()), ("dlq.detail", detail[:1000].encode()),
             ("dlq.source.topic", topic.encode()), ("dlq.source.partition", str(partition).encode()),
             ("dlq.source.offset", str(offset).encode()), ("dlq.consumer.group", group.encode())]

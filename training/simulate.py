@@ -200,16 +200,21 @@ def decode_event_id(eid: int) -> tuple[int, int, int]:
     return eid >> 28, (eid >> 27) & 1, eid & ((1 << 27) - 1)
 
 
+def shared_priors(config: SimulationConfig, kind: int) -> dict[str, Prior]:
+    """The u0, tE and fs priors of one class (``config.shared_priors``, ``thesis_priors``)."""
+    if config.shared_priors == "wide":
+        return WIDE_SHARED_PRIORS
+    if config.thesis_priors and kind == PSPL:
+        return {**THESIS_PSPL_PRIORS, "fs": FS_PRIOR}
+    priors = PARAMETER_SETS[config.parameter_set]
+    return {"u0": priors["u0"], "tE": priors["tE"], "fs": FS_PRIOR}
+
+
 def draw_parameters(rng: np.random.Generator, kind: int, config: SimulationConfig) -> dict:
     """One parameter draw. Both classes draw the shared parameters in the same order from
     the same priors; binaries then draw s, q, alpha, rho."""
     priors = PARAMETER_SETS[config.parameter_set]
-    if config.shared_priors == "wide":
-        shared = WIDE_SHARED_PRIORS
-    elif config.thesis_priors and kind == PSPL:
-        shared = {**THESIS_PSPL_PRIORS, "fs": FS_PRIOR}
-    else:
-        shared = {"u0": priors["u0"], "tE": priors["tE"], "fs": FS_PRIOR}
+    shared = shared_priors(config, kind)
     p = {"t0": T0_PRIOR.draw(rng), "tE": shared["tE"].draw(rng), "u0": shared["u0"].draw(rng),
          "baseline_mag": BASELINE_MAG_PRIOR.draw(rng), "fs": shared["fs"].draw(rng)}
     if kind == BINARY:
@@ -394,11 +399,8 @@ def simulate(n_pspl: int, n_binary: int, config: SimulationConfig | None = None,
     ids = np.where(kinds == PSPL, event_id(config.seed, PSPL, index),
                    event_id(config.seed, BINARY, index))
     failures = int(sum(r["failures"] for r in parts))
-    priors = dict(PARAMETER_SETS[config.parameter_set])
-    fs_prior = FS_PRIOR
-    if config.shared_priors == "wide":
-        priors.update(u0=WIDE_SHARED_PRIORS["u0"], tE=WIDE_SHARED_PRIORS["tE"])
-        fs_prior = WIDE_SHARED_PRIORS["fs"]
+    shared = shared_priors(config, BINARY)
+    priors = {**PARAMETER_SETS[config.parameter_set], "u0": shared["u0"], "tE": shared["tE"]}
     meta = {
         "generator": "training.simulate",
         "parameter_set": config.parameter_set,
@@ -408,7 +410,7 @@ def simulate(n_pspl: int, n_binary: int, config: SimulationConfig | None = None,
             "pspl": ({k: v.describe() for k, v in THESIS_PSPL_PRIORS.items()}
                      if config.thesis_priors else "same u0 and tE priors as the binaries"),
             "shared": {"t0": T0_PRIOR.describe() + " d", "baseline_mag": BASELINE_MAG_PRIOR.describe(),
-                       "fs": fs_prior.describe()},
+                       "fs": shared["fs"].describe()},
         },
         "thesis_priors": bool(config.thesis_priors),
         "shared_priors": config.shared_priors,
