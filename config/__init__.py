@@ -88,9 +88,11 @@ class KafkaSettings:
 class RedisSettings:
     url: str = "auto"
     key_prefix: str = "ulens"
-    event_ttl_s: int = field(default=2592000, metadata=_rng(1, None))
+    event_ttl_s: int = field(default=31_536_000, metadata=_rng(1, None))
+    trigger_ttl_s: int = field(default=94_608_000, metadata=_rng(1, None))
     max_points: int = field(default=2000, metadata=_rng(16, 1_000_000))
     ssl_ca_certs: Optional[str] = None
+    socket_timeout_s: float = field(default=5.0, metadata=_rng(0.1, 3600.0))
 
     def client_kwargs(self) -> dict:
         """Arguments for ``redis.Redis.from_url``; the password from the environment only."""
@@ -100,6 +102,9 @@ class RedisSettings:
             kw["password"] = password
         if self.url.startswith("rediss://") and self.ssl_ca_certs:
             kw["ssl_ca_certs"] = self.ssl_ca_certs
+        # a stalled Redis (SIGSTOP, a black-holed network) raises TimeoutError after this
+        # instead of blocking forever: the consumer's retry loop takes it from there
+        kw["socket_timeout"] = kw["socket_connect_timeout"] = self.socket_timeout_s
         return kw
 
 
@@ -112,6 +117,7 @@ class ServicesSettings:
     kafka_controller_port: int = field(default=9093, metadata=_rng(1, 65535))
     kafka_heap_mb: int = field(default=768, metadata=_rng(128, 65536))
     redis_port: int = field(default=6379, metadata=_rng(1, 65535))
+    redis_appendfsync: str = field(default="everysec", metadata=_rng(choices=("always", "everysec", "off")))
     start_timeout_s: float = field(default=90.0, metadata=_rng(1, 3600))
 
     @property
@@ -180,9 +186,19 @@ class ConsumerSettings:
     torch_threads: int = field(default=1, metadata=_rng(1, 256))
     log_interval_s: float = field(default=5.0, metadata=_rng(0.1, 3600))
     metrics_port: Optional[int] = field(default=None, metadata=_rng(1, 65535))
+    metrics_host: str = "127.0.0.1"
     session_timeout_s: float = field(default=45.0, metadata=_rng(1.0, 3600.0))
+    max_poll_interval_s: float = field(default=300.0, metadata=_rng(1.0, 86_400.0))
     retry_for_s: float = field(default=600.0, metadata=_rng(0.0, 86_400.0))
+    future_margin_s: Optional[float] = field(default=3600.0, metadata=_rng(0.0, None))
+    flood_window: int = field(default=1000, metadata=_rng(0, 10_000_000))
+    flood_share: float = field(default=0.5, metadata=_rng(0.0, 1.0))
     pspl_fit: PsplFitSettings = PsplFitSettings()
+
+    def __post_init__(self):
+        if self.max_poll_interval_s < self.session_timeout_s:
+            raise ConfigError(f"consumer.max_poll_interval_s = {self.max_poll_interval_s:g} must be >= "
+                              f"session_timeout_s = {self.session_timeout_s:g} (librdkafka refuses less)")
 
     @property
     def rules(self) -> tuple[str, ...]:
@@ -194,7 +210,7 @@ class ConsumerSettings:
 class ReplaySettings:
     speed: Union[float, str] = "max"
     rate: Optional[float] = field(default=None, metadata=_rng(0.001, None))
-    start_mjd: float = field(default=61000.0, metadata=_rng(0.0, 100_000.0))
+    start_mjd: float = field(default=57000.0, metadata=_rng(0.0, 100_000.0))
     history_points: int = field(default=0, metadata=_rng(0, 10_000))
     detections_only: bool = False
     snr_threshold: float = field(default=5.0, metadata=_rng(0.0, None))
