@@ -4,20 +4,24 @@ The fit and the decision are ``training.psplfit.advance`` (pure numpy, the same 
 the offline evaluation runs); this module only moves its state between Redis and the
 batch. Per poll batch, for the events the batch touched:
 
-1. one pipelined round trip: each event's fit state ``P:pf:<id>``, its trigger outbox
+1. one pipelined round trip: each event's fit state ``P:pf:<hash>:<id>`` (``<hash>`` names
+   the parameters that produced it: other parameters start a state of their own, from the
+   event's stored points), its trigger outbox
    ``P:tp:<id>`` and, when the append reply does not already hold the event's whole
    stored light curve (it does when the TD-CNN is not running, and for young events),
    the event's light curve ``P:ev:<id>`` (a rare second round trip fetches the curve of an
    event whose fit lags behind without a new point in this batch: recovery after a crash);
 2. ``advance`` over the events with unprocessed points, vectorised across them;
-3. one round trip of a Lua script per chunk: compare-and-set of the state on its
-   ``n_done`` (a concurrent consumer's newer state wins), and, when the rule fired,
-   ``SET NX`` of the outbox with status ``P`` and the trigger record;
+3. one round trip of a Lua script per chunk (``broker/lua/psplfit_save.lua``): the state
+   is stored unless the stored one has seen as many points (a concurrent consumer's newer
+   state wins; one that saw fewer is replaced), and, when the rule fired, ``SET NX`` of the
+   outbox with status ``P`` and the trigger record;
 4. after the batch's triggers are delivered, :meth:`PsplFitRule.mark_sent` sets ``S``.
 
 A re-delivered alert finds ``n_done`` already at the event's point count: nothing is
 refitted, and a trigger still pending (``P``) is produced again with its deterministic
-``triggerId`` (per event, rule and parameter version).
+``triggerId`` (per event, rule and parameter version). The outbox is per event and rule,
+whatever the parameters: an event fires this rule once.
 
 :class:`RuleCost` times each rule's share of a batch (Prometheus counter
 ``ulens_rule_seconds_total{rule=...}`` and the consumer's summary), so ``ulens report``
@@ -36,43 +40,6 @@ import numpy as np
 from broker import state as st
 from broker.triggers import Rule, trigger_at
 from training import psplfit
-
-SAVE_LUA = r"""
--- KEYS[1..n] state keys, KEYS[n+1..2n] trigger (outbox) keys
--- ARGV[1] ttl, ARGV[1+i]: u32 old n_done | u8 fire | state bytes (S) | trigger JSON (when fire)
-local TTL = tonumber(ARGV[1])
-local n = #KEYS / 2
-local out = {}
-for i = 1, n do
-  local a = ARGV[1 + i]
-  local old, fire = struct.unpack('<IB', a)
-  local S = tonumber(ARGV[2 + n])
-  local body = string.sub(a, 6, 5 + S)
-  local cur = redis.call('GETRANGE', KEYS[i], 4, 7)
-  local cur_done = 0
-  if #cur == 4 then cur_done = struct.unpack('<I', cur) end
-  if cur_done ~= old then
-    out[i] = 'C'
-  else
-    redis.call('SET', KEYS[i], body, 'EX', TTL)
-    local tk = KEYS[n + i]
-    local res = 'N'
-    if fire == 1 then
-      local ok = redis.call('SET', tk, 'P' .. string.sub(a, 6 + S), 'NX', 'EX', TTL)
-      if ok then res = 'T' else
-        local s = redis.call('GETRANGE', tk, 0, 0)
-        if s == 'P' then res = 'P' else res = 'D' end
-      end
-    elseif redis.call('EXPIRE', tk, TTL) == 1 then
-      local s = redis.call('GETRANGE', tk, 0, 0)
-      if s == 'P' then res = 'P' end
-    end
-    out[i] = res
-  end
-end
-return out
-"""
-
 
 def params_from_settings(settings) -> psplfit.Params:
     """The rule's parameters from ``consumer.pspl_fit`` (the same for broker and evaluate)."""
@@ -109,13 +76,16 @@ class PsplFitRule:
 
     name = psplfit.RULE
 
-    def __init__(self, store: st.EventStore, params: psplfit.Params, chunk_events: int = 256):
+    def __init__(self, store: st.EventStore, params: psplfit.Params, chunk_events: int = 256,
+                 trigger_ttl_s: Optional[int] = None):
         self.store = store
         self.r = store.r
         self.prefix = store.prefix
         self.ttl_s = store.ttl_s
+        self.trigger_ttl_s = max(int(trigger_ttl_s or 0), self.ttl_s)
         self.params = params
         self.version = params.version
+        self._state_prefix = state_prefix(self.prefix, params)
         self.rule = Rule(self.name, params.threshold, params.min_points, 1)
         self.chunk = int(chunk_events)
         self._sha = {}
@@ -123,13 +93,14 @@ class PsplFitRule:
 
     # keys
     def state_key(self, object_id: int) -> str:
-        return f"{self.prefix}:pf:{int(object_id)}"
+        return f"{self._state_prefix}:{int(object_id)}"
 
     def trigger_key(self, object_id: int) -> str:
         return f"{self.prefix}:tp:{int(object_id)}"
 
     def _load_scripts(self) -> None:
-        self._sha = {"save": self.r.script_load(SAVE_LUA), "sent": self.r.script_load(st.SENT_LUA)}
+        self._sha = {"save": self.r.script_load(st.lua_script("psplfit_save")),
+                     "sent": self.r.script_load(st.lua_script("sent"))}
 
     def _evalsha(self, calls):
         return st.run_scripts(self.r, self._sha, calls, self._load_scripts)
@@ -182,32 +153,33 @@ class PsplFitRule:
             states.append(s)
             curves.append((recs["t"].astype(np.float64), recs["mag"], recs["err"]))
             firsts.append(first)
-            items.append((res, mine, raw_state))
+            items.append((res, mine, recs))
         out = list(pending)
         if refresh:
             pipe = self.r.pipeline(transaction=False)
             for o in refresh:
                 pipe.expire(self.state_key(o), self.ttl_s)
-                pipe.expire(self.trigger_key(o), self.ttl_s)
+                pipe.expire(self.trigger_key(o), self.trigger_ttl_s)
             pipe.execute()
         if not states:
             return out
         new, outcomes = psplfit.advance(np.stack(states), curves, firsts, self.params)
         saves = []
-        for (res, mine, _), s_old, s_new, oc, cv, first in zip(items, states, new, outcomes, curves, firsts):
+        for (res, mine, recs), s_old, s_new, oc, first in zip(items, states, new, outcomes, firsts):
             trig = None
             if oc.fire is not None:
-                trig = trigger_at(res.object_id, res.header, points, mine, self.rule, oc.fire_stat,
-                                  oc.fire, float(cv[0][oc.fire - first]), self.version)
+                trig = trigger_at(res.object_id, recs[oc.fire - first], points, mine, self.rule,
+                                  oc.fire_stat, oc.fire, self.version)
             saves.append((res.object_id, int(s_old["n_done"]), s_new, trig))
         codes = self._save(saves)
+        again = []                  # outboxes still pending (a save run twice, a race)
+        have = {t["diaObjectId"] for t in out}
         for (oid, _, _, trig), code in zip(saves, codes):
             if code == st.TRIG_NEW:
                 out.append(trig)
-            elif code == st.TRIG_PENDING and trig is not None:
-                got = self.r.get(self.trigger_key(oid))
-                if got is not None and got[:1] == b"P":
-                    out.append(json.loads(got[1:]))
+            elif code == st.TRIG_PENDING and oid not in have:
+                again.append(oid)
+        out.extend(st.pending_in(self.r, [self.trigger_key(o) for o in again], again).values())
         return out
 
     @staticmethod
@@ -222,7 +194,7 @@ class PsplFitRule:
         for c0 in range(0, len(saves), self.chunk):
             part = saves[c0:c0 + self.chunk]
             keys = [self.state_key(o) for o, *_ in part] + [self.trigger_key(o) for o, *_ in part]
-            args = [self.ttl_s]
+            args = [self.ttl_s, self.trigger_ttl_s]
             for _, old, s_new, trig in part:
                 a = np.array([old], dtype="<u4").tobytes() + (b"\1" if trig else b"\0") + \
                     psplfit.pack_state(s_new[None])
@@ -242,16 +214,28 @@ class PsplFitRule:
         return int(self._evalsha([("sent", [self.trigger_key(o) for o in object_ids], [])])[0])
 
     def read(self, object_id: int) -> Optional[dict]:
-        """The stored fit state and trigger of one event (inspection, tests)."""
-        raw, trg = self.r.get(self.state_key(object_id)), self.r.get(self.trigger_key(object_id))
-        if raw is None and trg is None:
-            return None
-        out: dict = {}
-        if raw is not None:
-            s = psplfit.unpack_state(raw)
-            out["state"] = {k: (s[k].item()) for k in psplfit.STATE.names}
-            out["ttl_s"] = int(self.r.ttl(self.state_key(object_id)))
-        if trg is not None:
-            out["trigger_status"] = {b"P": "pending", b"S": "sent"}.get(trg[:1], "unknown")
-            out["trigger"] = json.loads(trg[1:])
-        return out
+        return read_fit(self.r, self.prefix, self.params, object_id)
+
+
+def state_prefix(prefix: str, params: psplfit.Params) -> str:
+    """``P:pf:<hash>``: the fit states made with these parameters (the hash of
+    ``params.version``); another parameter set starts states of its own."""
+    return f"{prefix}:pf:{params.version.rsplit('-', 1)[-1]}"
+
+
+def read_fit(client, prefix: str, params: psplfit.Params, object_id: int) -> Optional[dict]:
+    """The stored fit state (for ``params``) and the rule's trigger of one event
+    (inspection, tests)."""
+    sk, tk = f"{state_prefix(prefix, params)}:{int(object_id)}", f"{prefix}:tp:{int(object_id)}"
+    raw, trg = client.get(sk), client.get(tk)
+    if raw is None and trg is None:
+        return None
+    out: dict = {}
+    if raw is not None:
+        s = psplfit.unpack_state(raw)
+        out["state"] = {k: (s[k].item()) for k in psplfit.STATE.names}
+        out["ttl_s"] = int(client.ttl(sk))
+    if trg is not None:
+        out["trigger_status"] = {b"P": "pending", b"S": "sent"}.get(trg[:1], "unknown")
+        out["trigger"] = json.loads(trg[1:])
+    return out

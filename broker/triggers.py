@@ -113,18 +113,19 @@ def trigger_record(object_id: int, source_id: int, rule: Rule, score: float, n_p
             "alertProducedUs": int(alert_produced_us), "modelVersion": model_version}
 
 
-def trigger_at(object_id: int, header, points, mine, rule: Rule, score: float, g: int, t: float,
+def trigger_at(object_id: int, record, points, mine, rule: Rule, score: float, g: int,
                model_version: str) -> dict:
-    """The trigger a rule fired at the event's point ``g`` (0-based, time ``t``).
+    """The trigger a rule fired at the event's point ``g`` (0-based), whose stored record
+    (``broker.state.RECORD``: time, diaSourceId, ...) is ``record``.
 
-    Its diaSourceId and alertProducedUs are those of the deciding alert, looked up among
-    the event's alerts of this batch (``points`` rows ``mine``). A point decided late (scored
-    after a crash, its alert in an earlier batch) gets the best knowledge: the header's last
-    diaSourceId when it is the newest point, otherwise -1, and alertProducedUs 0."""
+    Its alertProducedUs is that of the deciding alert when it is in this batch (``points``
+    rows ``mine``); a point decided late (scored after a crash or a model switch, its alert
+    in an earlier batch) gets 0."""
+    src = int(record["id"])
+    produced_us = 0
     for i in mine:
-        if points.time[i] == t:
-            src, produced_us = int(points.source_id[i]), int(points.produced_us[i])
+        if points.source_id[i] == src:
+            produced_us = int(points.produced_us[i])
             break
-    else:
-        src, produced_us = (header.last_source_id if g == header.n_total - 1 else -1), 0
-    return trigger_record(object_id, src, rule, score, g + 1, t, produced_us, model_version)
+    return trigger_record(object_id, src, rule, score, g + 1, float(record["t"]), produced_us,
+                          model_version)

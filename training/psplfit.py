@@ -183,7 +183,7 @@ class Params:
     def version(self) -> str:
         """``pspl-fit/1-<hash>``: the trigger's modelVersion; the hash covers every parameter
         but the threshold, so a saved state is only continued with the parameters that
-        produced it (see :func:`state_key_suffix`)."""
+        produced it (the broker keys its Redis state by this hash: broker.rule_psplfit)."""
         h = hashlib.sha256(json.dumps(self.state_params(), sort_keys=True).encode()).hexdigest()[:8]
         return f"{RULE}/{FORMAT_VERSION}-{h}"
 

@@ -92,16 +92,18 @@ def test_decide_many_equals_decide_one_by_one(smooth):
 def test_trigger_at_names_the_deciding_alert_or_the_best_knowledge():
     from types import SimpleNamespace
 
+    from broker import state as st
     from broker.triggers import Rule, trigger_at
 
     rule = Rule("tdcnn", 0.5, 10, 5)
     pts = SimpleNamespace(time=np.array([1.0, 2.0, 3.0]), source_id=np.array([11, 12, 13]),
                           produced_us=np.array([100, 200, 300]))
-    head = SimpleNamespace(last_source_id=99, n_total=20)
-    t = trigger_at(7, head, pts, [1, 2], rule, 0.9, 14, 3.0, "v1")
+    rec = np.zeros(1, dtype=st.RECORD)[0]
+    rec["t"], rec["id"] = 3.0, 13
+    t = trigger_at(7, rec, pts, [1, 2], rule, 0.9, 14, "v1")
     assert (t["diaSourceId"], t["alertProducedUs"], t["nPoints"], t["midpointMjdTai"]) == (13, 300, 15, 3.0)
-    # decided late, its alert not in this batch: the newest point -> header's id, else -1
-    assert trigger_at(7, head, pts, [1, 2], rule, 0.9, 19, 9.0, "v1")["diaSourceId"] == 99
-    late = trigger_at(7, head, pts, [0], rule, 0.9, 5, 3.0, "v1")
-    assert (late["diaSourceId"], late["alertProducedUs"]) == (-1, 0)
+    # decided late (its alert in an earlier batch): the stored point's id, no produce time
+    rec["t"], rec["id"] = 9.0, 99
+    late = trigger_at(7, rec, pts, [1, 2], rule, 0.9, 19, "v1")
+    assert (late["diaSourceId"], late["alertProducedUs"], late["midpointMjdTai"]) == (99, 0, 9.0)
     assert late["triggerId"] == t["triggerId"]          # one id per (event, rule, model)

@@ -10,25 +10,44 @@ from broker import state as st
 from broker.errors import BrokerError
 
 
-def _header(m=5, flags=st.FLAG_REFERENCE, ntot=12, nsc=10, ndrop=0, last=1234567890123, ref=19.5, ring=None):
+def _header(m=5, flags=st.FLAG_REFERENCE, ntot=12, nsc=10, ndrop=0, last=1234567890123, ref=19.5, ring=None,
+            tag=77):
     ring = np.arange(m, dtype="<f4") / 10 if ring is None else ring
-    return st.HEADER_FIXED.pack(1, m, flags, 0, ntot, nsc, ndrop, last, ref, 61002.5) + \
+    return st.HEADER_FIXED.pack(st.VERSION, m, flags, 0, ntot, nsc, ndrop, last, last + 5, ref, 61002.5, tag) + \
         ring.astype("<f4").tobytes()
 
 
 def test_sizes():
-    assert st.HEADER_FIXED.size == 40 and st.RECORD.itemsize == 17 and st.INPUT.itemsize == 24
-    assert st.header_size(5) + 100 * st.RECORD.itemsize == 1760  # < 1,792 B allocation class
+    assert st.HEADER_FIXED.size == 52 and st.RECORD.itemsize == 26 and st.INPUT.itemsize == 25
+    # the script appends an input as a record with "not scored": same bytes, p last
+    assert st.RECORD.names[:-1] == st.INPUT.names and st.RECORD.names[-1] == "p"
+    assert all(st.RECORD.fields[n][1] == st.INPUT.fields[n][1] for n in st.INPUT.names)
+    assert st.header_size(5) + 100 * st.RECORD.itemsize == 2672
+
+
+def test_lua_prelude_is_written_from_the_python_constants():
+    lua = st.lua_script("append")
+    assert f"local REC = {st.RECORD.itemsize}" in lua and f"local HSIZE = {st.HEADER_FIXED.size}" in lua
+    assert f"local VERSION = {st.VERSION}" in lua and "local ST_CHANGED = '5'" in lua
+    # struct's format in Lua has the same size as the Python header
+    assert st.HEADER_FIXED.format.replace("q", "c8") .lstrip("<") == "BBBBIIIc8c8ddI"
+
+
+def test_model_tag_changes_with_model_window_and_reference():
+    a = st.model_tag("m1", 5, 10)
+    assert a == st.model_tag("m1", 5, 10) and 0 <= a < 2 ** 32
+    assert len({a, st.model_tag("m2", 5, 10), st.model_tag("m1", 7, 10), st.model_tag("m1", 5, 12)}) == 4
 
 
 def test_parse_header():
     h = st.parse_header(_header())
     assert (h.m, h.n_total, h.n_scored, h.last_source_id, h.reference) == (5, 12, 10, 1234567890123, 19.5)
+    assert (h.max_source_id, h.model_tag, h.last_time) == (1234567890128, 77, 61002.5)
     assert list(h.ring_valid()) == pytest.approx([0, 0.1, 0.2, 0.3, 0.4])
     h = st.parse_header(_header(flags=0, ref=float("nan"), nsc=2))
     assert h.reference is None and not h.triggered and list(h.ring_valid()) == pytest.approx([0.3, 0.4])
-    with pytest.raises(BrokerError):
-        st.parse_header(b"\x02" + _header()[1:])
+    with pytest.raises(BrokerError, match="version 1"):
+        st.parse_header(b"\x01" + _header()[1:])
 
 
 def test_parse_append_reply():
@@ -36,17 +55,20 @@ def test_parse_append_reply():
     recs["t"] = [61000.5, 61001.5, 61002.5]
     recs["mag"] = [20, 19.5, 19]
     recs["p"] = [200, 255, 255]
-    raw = st.PREFIX.pack(9, 2, ord("P")) + _header() + b"0124" + recs.tobytes()
+    raw = st.PREFIX.pack(9, 2, ord("P"), 1) + _header() + b"0124" + recs.tobytes()
     r = st.parse_append_reply(77, raw, 5, 4)
     assert (r.object_id, r.start, r.dropped_now, r.trigger_status, r.statuses) == (77, 9, 2, b"P", b"0124")
+    assert r.rescored
     assert np.array_equal(r.window, recs)
 
 
 def test_pack_points_layout():
-    b = st.pack_points([5], [61000.25], [np.float32(20.5)], [np.float32(0.05)])
-    assert len(b) == 24
-    i, t, m, e = struct.unpack("<qdff", b)
-    assert (i, t, m) == (5, 61000.25, 20.5) and e == pytest.approx(0.05)
+    b = st.pack_points([5], [61000.25], [np.float32(20.5)], [np.float32(0.05)], st.band_codes("i"))
+    assert len(b) == 25
+    t, i, m, e, band = struct.unpack("<dqffB", b)
+    assert (i, t, m, band) == (5, 61000.25, 20.5, 3) and e == pytest.approx(0.05)
+    assert st.pack_points([5], [1.0], [1.0], [1.0])[-1] == st.BAND_UNKNOWN
+    assert list(st.band_codes(["u", "y", "x"])) == [0, 5, st.BAND_UNKNOWN]
 
 
 def test_quantized_probabilities():
@@ -60,7 +82,7 @@ def test_score_update_pack():
     trig = {"triggerId": "x", "diaObjectId": 1}
     u = st.ScoreUpdate(1, 10, np.array([0.5, 0.75], np.float32), np.arange(5, dtype=np.float32), trig)
     b = u.pack()
-    old, n, fire = st.PREFIX.unpack_from(b)
+    old, n, fire = st.SCORE_PREFIX.unpack_from(b)
     assert (old, n, fire) == (10, 2, 1)
     assert np.array_equal(np.frombuffer(b, "<f4", 5, 9), np.arange(5))
     assert b[29:31] == bytes([127, 190]) and json.loads(b[31:]) == trig
