@@ -28,12 +28,14 @@ import numpy as np
 
 from broker import state as st
 from broker.errors import BrokerError, DeliveryError
+from broker.flood import FloodGuard
 from broker.retry import kafka_error_is_transient, rebalance_kafka_codes, retrying
 from broker.inference import Job, Scorer
 from broker.metrics import Interval, Metrics
 from broker.rule_psplfit import PsplFitRule, RuleCost, params_from_settings
 from broker.triggers import Rule, decide_many, trigger_at
-from broker.validate import Rejected, dead_letter, validate_batch
+from broker.validate import (Rejected, append_outcomes, dead_letter, message_headers, mjd_now,
+                             validate_batch)
 from schemas import default_codec
 
 log = logging.getLogger("broker")
@@ -46,11 +48,12 @@ def consumer_config(settings, group: str) -> dict:
             "enable.auto.commit": False, "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest", "enable.partition.eof": False,
             # heartbeats (librdkafka's 3 s, at most a third of the session) also tell a
-            # member that a rebalance started. A member retrying a batch through a long
-            # outage does not poll: after max.poll.interval.ms (300 s) it leaves the group,
-            # its commit is refused and the next owner re-reads the batch (_commit).
+            # member that a rebalance started. A member waiting out a fault keeps polling
+            # with its partitions paused (Broker._wait_polling), so an outage longer than
+            # max.poll.interval.ms does not cost it its membership.
             "session.timeout.ms": int(c.session_timeout_s * 1000),
-            "heartbeat.interval.ms": int(min(3.0, c.session_timeout_s / 3) * 1000)}
+            "heartbeat.interval.ms": int(min(3.0, c.session_timeout_s / 3) * 1000),
+            "max.poll.interval.ms": int(c.max_poll_interval_s * 1000)}
 
 
 def producer_config(settings) -> dict:
@@ -61,10 +64,48 @@ def producer_config(settings) -> dict:
 
 
 def redis_client(settings):
-    """Redis client from ``redis.url`` (rediss:// = TLS) with password/CA from the settings."""
+    """Redis client from ``redis.url`` (rediss:// = TLS) with password/CA and the socket
+    timeout from the settings. redis-py's own retries are off: the consumer's retry loop
+    (``broker.retry``) waits out faults, logs them, and stops promptly when asked."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(settings.redis.url, retry=Retry(NoBackoff(), 0),
+                                **settings.redis.client_kwargs())
+
+
+def check_redis(client) -> None:
+    """Refuse a Redis that would evict live light curves (every key has a TTL, so a
+    volatile-* policy evicts them as readily as allkeys-*); warn when it runs without AOF.
+    A Redis that does not answer CONFIG GET (a managed service) gets a warning."""
     import redis
 
-    return redis.Redis.from_url(settings.redis.url, **settings.redis.client_kwargs())
+    try:
+        conf = {**client.config_get("maxmemory-policy"), **client.config_get("appendonly")}
+    except redis.exceptions.ResponseError as exc:
+        log.warning("cannot read the Redis configuration (%s): make sure its maxmemory-policy is "
+                    "noeviction and AOF is on (README, Durability)", exc)
+        return
+    policy = str(conf.get("maxmemory-policy", ""))
+    if policy.startswith(("volatile", "allkeys")):
+        raise BrokerError(f"Redis maxmemory-policy is {policy}: at maxmemory it would evict live "
+                          "light curves and trigger records whose offsets are committed (lost for "
+                          "good). Set it to noeviction (CONFIG SET maxmemory-policy noeviction): a "
+                          "full Redis then refuses writes and the consumer waits with an alarm")
+    if str(conf.get("appendonly", "")) == "no":
+        log.warning("Redis runs without AOF (appendonly no): a Redis crash loses the points "
+                    "written since its last snapshot, whose offsets are already committed "
+                    "(README, Durability)")
+
+
+@dataclass
+class BatchCounts:
+    """What one batch did to the state (counted once, fed to metrics, summary and log)."""
+    points: int = 0          # appended
+    duplicates: int = 0
+    dropped: int = 0         # oldest points trimmed (redis.max_points)
+    rescored: int = 0        # events scored again (another model)
 
 
 @dataclass
@@ -72,6 +113,7 @@ class Summary:
     alerts: int = 0
     points: int = 0
     duplicates: int = 0
+    rescored: int = 0                                          # events met scored by another model
     dead_letters: Tally = field(default_factory=Tally)
     triggers: int = 0
     batches: int = 0
@@ -83,6 +125,7 @@ class Summary:
 
     def as_dict(self) -> dict:
         return {"alerts": self.alerts, "points": self.points, "duplicates": self.duplicates,
+                "rescored": self.rescored,
                 "dead_letters": dict(self.dead_letters), "triggers": self.triggers,
                 "batches": self.batches, "retries": dict(self.retries),
                 "uncommitted": self.uncommitted, "seconds": round(self.seconds, 3),
@@ -106,29 +149,40 @@ class Broker:
         dec = artifact.decision
         self.rule = Rule("tdcnn", c.threshold if c.threshold is not None else artifact.threshold,
                          c.min_points, int(dec.get("smooth_window", 5)))
-        self.store = st.EventStore(
-            redis if redis is not None else redis_client(settings), settings.redis.key_prefix,
-            settings.redis.event_ttl_s, settings.redis.max_points,
-            reference_points=int(artifact.card["reference_points"]),
-            receptive_field=artifact.receptive_field, smooth_window=self.rule.smooth)
-        self.rules = c.rules                 # ("tdcnn",), ("pspl-fit",) or both
-        self.scorer = Scorer(artifact) if "tdcnn" in self.rules else None
-        self.metrics = Metrics()
-        self.cost = RuleCost(self.metrics.registry)
-        self.psplfit = PsplFitRule(self.store, params_from_settings(settings)) \
-            if "pspl-fit" in self.rules else None
-        self.metrics_server = self.metrics.serve(metrics_port) if metrics_port else None
         self.summary = Summary()
+        self.metrics = Metrics()
         self.assigned = threading.Event()
         self._stop = threading.Event()
+        self._paused: set[tuple[str, int]] = set()
+        self.partitions: list[int] = []      # currently assigned partitions of the topic
+        self.consumer = None
+        client = redis if redis is not None else redis_client(settings)
+        reference_points = int(artifact.card["reference_points"])
+
+        def open_store():
+            check_redis(client)
+            return st.EventStore(
+                client, settings.redis.key_prefix, settings.redis.event_ttl_s, settings.redis.max_points,
+                reference_points=reference_points, receptive_field=artifact.receptive_field,
+                smooth_window=self.rule.smooth, trigger_ttl_s=settings.redis.trigger_ttl_s,
+                model_tag=st.model_tag(artifact.version, self.rule.smooth, reference_points))
+
+        self.store = self._retrying("start-up (Redis)", open_store)
+        self.rules = c.rules                 # ("tdcnn",), ("pspl-fit",) or both
+        self.scorer = Scorer(artifact) if "tdcnn" in self.rules else None
+        self.cost = RuleCost(self.metrics.registry)
+        self.psplfit = PsplFitRule(self.store, params_from_settings(settings),
+                                   trigger_ttl_s=settings.redis.trigger_ttl_s) \
+            if "pspl-fit" in self.rules else None
+        self.flood = FloodGuard(c.flood_window, c.flood_share)
+        self.metrics_server = self.metrics.serve(metrics_port, c.metrics_host) if metrics_port else None
         self._delivery_errors: list = []
         pconf = producer_config(settings)
         self._message_timeout_s = pconf["message.timeout.ms"] / 1000.0
         self.producer = Producer(pconf)
         self.consumer = Consumer(consumer_config(settings, self.group))
-        self.partitions: list[int] = []      # currently assigned partitions of the topic
         self._assigned_at: Optional[float] = None
-        self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self._subscribed = False
         self._interval = Interval()
         self._closed = False
 
@@ -140,8 +194,10 @@ class Broker:
         self.assigned.set()
 
     def _on_revoke(self, consumer, partitions) -> None:
-        # every batch is committed before the next poll, so nothing is in flight here
+        # every batch is committed before the next poll, except one waiting out a fault
+        # (polled by _wait_polling): its commit is then refused and the next owner re-reads it
         gone = {p.partition for p in partitions}
+        self._paused -= {(p.topic, p.partition) for p in partitions}
         self.partitions = [p for p in self.partitions if p not in gone]
         if not self.partitions:      # (a session lost in an outage, say) idle time waits for
             self.assigned.clear()    # the next assignment
@@ -155,7 +211,7 @@ class Broker:
         signal.signal(signal.SIGINT, self.stop)
 
     def close(self) -> None:
-        if self._closed:
+        if self._closed or self.consumer is None:
             return
         self._closed = True
         try:
@@ -172,6 +228,8 @@ class Broker:
         started = time.monotonic()
         idle_from: Optional[float] = None  # nothing read since then (counted once assigned)
         try:
+            if not self._subscribe(None if until_idle is None else until_idle + 60.0):
+                return self.summary
             while not self._stop.is_set():
                 want = c.batch_size
                 if max_alerts is not None:
@@ -209,105 +267,193 @@ class Broker:
             self.close()
         return self.summary
 
+    def _subscribe(self, give_up_after: Optional[float]) -> bool:
+        """Wait until the alert topic exists (a broker started before the replay, say), then
+        subscribe. False when it did not appear within ``give_up_after`` s or a stop came."""
+        waited, said = 0.0, -1e9
+        while not self._stop.is_set():
+            md = self._retrying("topic metadata (Kafka)", lambda: self.consumer.list_topics(self.topic, timeout=10))
+            t = md.topics.get(self.topic)
+            if t is not None and t.error is None and t.partitions:
+                self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+                self._subscribed = True
+                return True
+            if give_up_after is not None and waited >= give_up_after:
+                log.warning("topic %r did not appear within %.0f s: nothing consumed", self.topic, waited)
+                return False
+            if waited - said >= 30.0:
+                log.info("waiting for topic %r to be created (%s)", self.topic,
+                         t.error.str() if t is not None and t.error is not None else "not there yet")
+                said = waited
+            self._stop.wait(1.0)
+            waited += 1.0
+        return False
+
     def _retrying(self, what: str, fn):
-        """``fn()`` retried through transient Redis/Kafka faults (``broker.retry``)."""
-        return retrying(what, fn, budget=self.settings.consumer.retry_for_s, stop=self._stop,
-                        log=log, count=self._count_retry)
+        """``fn()`` retried through transient Redis/Kafka faults (``broker.retry``), serving
+        the consumer group meanwhile; paused partitions are resumed once it succeeded."""
+        out = retrying(what, fn, budget=self.settings.consumer.retry_for_s, stop=self._stop,
+                       log=log, count=self._count_retry, alarm=self._count_alarm,
+                       wait=self._wait_polling)
+        self._resume()
+        return out
 
     def _count_retry(self, cause: str) -> None:
         self.summary.retries[cause] += 1
         self.metrics.retries.labels(cause).inc()
 
+    def _count_alarm(self, name: str) -> None:
+        self.metrics.alarms.labels(name).inc()
+
+    # --- serving the group while a batch waits (max.poll.interval.ms) -----------------
+    def _wait_polling(self, seconds: float) -> bool:
+        """Wait ``seconds`` while polling Kafka, so that a long outage does not exceed
+        max.poll.interval.ms (librdkafka would then leave the group). The assigned partitions
+        are paused, so a poll returns no message; one that still comes (a partition assigned
+        by a rebalance meanwhile) is sought back to its offset and its partition paused: it
+        is read again after the fault. True when a stop was asked for."""
+        end = time.monotonic() + seconds
+        while not self._stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            self._keep_alive(min(left, 1.0))
+        return True
+
+    def _keep_alive(self, timeout: float = 0.0) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        if self.consumer is None or not self._subscribed:
+            if timeout:
+                self._stop.wait(timeout)
+            return
+        try:
+            fresh = [tp for tp in self.consumer.assignment() if (tp.topic, tp.partition) not in self._paused]
+            if fresh:
+                self.consumer.pause(fresh)
+                self._paused |= {(tp.topic, tp.partition) for tp in fresh}
+            m = self.consumer.poll(timeout)
+        except KafkaException as exc:   # the broker away too: librdkafka reconnects by itself
+            log.debug("poll while waiting: %s", exc)
+            self._stop.wait(timeout)
+            return
+        if m is None:
+            return
+        if m.error() is not None:
+            log.debug("poll while waiting: %s", m.error().str())
+            return
+        tp = TopicPartition(m.topic(), m.partition(), m.offset())
+        try:
+            self.consumer.seek(tp)
+        except KafkaException as exc:
+            log.warning("could not seek %s[%d] back to %d while waiting (%s): the next owner or "
+                        "restart re-reads it from the last commit", m.topic(), m.partition(),
+                        m.offset(), exc)
+        self.consumer.pause([TopicPartition(m.topic(), m.partition())])
+        self._paused.add((m.topic(), m.partition()))
+
+    def _resume(self) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        if not self._paused or self.consumer is None:
+            return
+        owned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        again = [TopicPartition(t, p) for t, p in sorted(self._paused & owned)]
+        self._paused.clear()
+        if again:
+            try:
+                self.consumer.resume(again)
+            except KafkaException as exc:
+                log.warning("resuming %d partition(s): %s", len(again), exc)
+
     # --- one batch -----------------------------------------------------------------
     def process(self, msgs: list) -> None:
+        """One poll batch, as the pipeline it is: validate, append, score and decide, guard
+        against a flood of dead letters, deliver, commit, count."""
+        t0 = time.perf_counter()
+        msgs = self._without_error_events(msgs)
+        if not msgs:
+            return
+        c = self.settings.consumer
+        max_mjd = None if c.future_margin_s is None else mjd_now() + c.future_margin_s / 86400.0
+        points, kept, rejected = validate_batch(self.codec, [m.value() for m in msgs],
+                                                [m.key() for m in msgs], max_mjd)
+        dead: list[tuple[int, Rejected]] = sorted(rejected.items())
+        n = BatchCounts()
+        triggers: list[dict] = []
+        if len(points):
+            touched = self._append(points, kept, dead, n)
+            if self.scorer is not None:
+                with self.cost.timing("tdcnn"):
+                    triggers += self._score_and_decide(touched, points)
+            if self.psplfit is not None:
+                with self.cost.timing("pspl-fit"):
+                    triggers += self.psplfit.process(touched, points)
+        reasons = Tally(r.reason for _, r in dead)
+        alarm = self.flood.check(len(msgs), reasons)
+        if alarm is not None:
+            example = next(r.detail for _, r in dead if r.reason == alarm.reason)
+            raise alarm.error(example)
+        self._deliver(msgs, dead, triggers)
+        self._retrying("offset commit", lambda: self._commit(msgs))
+        self.flood.add(len(msgs), reasons)
+        self._account(msgs, points, n, reasons, len(triggers), time.perf_counter() - t0)
+
+    def _without_error_events(self, msgs: list) -> list:
+        """The batch's messages; librdkafka's error events are logged (transient: it
+        reconnects by itself; a missing topic: waited for) or raised (anything else)."""
         from confluent_kafka import KafkaError, KafkaException
 
-        t0 = time.perf_counter()
         for m in msgs:
             err = m.error()
             if err is None or err.code() == KafkaError._PARTITION_EOF:
                 continue
             if err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
-                raise BrokerError(f"topic {self.topic!r}: {err.str()}")
+                log.warning("topic %r: %s (waiting for it to come back)", self.topic, err.str())
+                continue
             if not kafka_error_is_transient(err):
                 raise KafkaException(err)
             # an event, not a message: librdkafka reconnects by itself (a broker restarting)
             log.warning("kafka: %s (the client reconnects by itself)", err.str())
-        msgs = [m for m in msgs if m.error() is None]
-        if not msgs:
-            return
-        points, kept, rejected = validate_batch(self.codec, [m.value() for m in msgs],
-                                                [m.key() for m in msgs])
-        dead: list[tuple[int, Rejected]] = sorted(rejected.items())
-        n_app = n_dup = n_drop = 0
-        triggers: list[dict] = []
-        if len(points):
-            order = np.argsort(points.object_id, kind="stable")
-            uniq, starts, counts = np.unique(points.object_id[order], return_index=True,
-                                             return_counts=True)
-            packed = st.pack_points(points.source_id[order], points.time[order],
-                                    points.mag[order], points.mag_err[order])
-            results = self.store.append(uniq.tolist(), counts.tolist(), packed)
-            jobs, owners = [], []
-            for e, res in enumerate(results):
-                mine = order[starts[e]:starts[e] + counts[e]]
-                if res.statuses != st.APPENDED * len(mine):
-                    for code, i in zip(res.statuses, mine):
-                        code = bytes([code])
-                        if code == st.APPENDED:
-                            n_app += 1
-                        elif code in (st.DUPLICATE, st.DUPLICATE_UNVERIFIED):
-                            n_dup += 1
-                        elif code == st.OUT_OF_ORDER:
-                            dead.append((kept[i], Rejected(
-                                "out_of_order", f"midpointMjdTai {points.time[i]} is earlier than "
-                                "the event's newest point and matches no stored point")))
-                        else:
-                            dead.append((kept[i], Rejected(
-                                "duplicate_time", f"midpointMjdTai {points.time[i]} equals the "
-                                f"event's newest point but diaSourceId {points.source_id[i]} differs")))
-                else:
-                    n_app += len(mine)
-                n_drop += res.dropped_now
-                h = res.header
-                if self.scorer is not None and h.n_scored < h.n_total:
-                    w = res.window
-                    jobs.append(Job(h.n_scored, res.start, w["t"].astype(np.float64),
-                                    w["mag"].astype(np.float32), w["err"].astype(np.float32),
-                                    h.reference))
-                    owners.append((res, mine))
-            if self.scorer is not None:
-                pending = [res.object_id for res in results if res.trigger_status == b"P"]
-                with self.cost.timing("tdcnn"):
-                    triggers += self._score_and_decide(jobs, owners, points, pending)
-            if self.psplfit is not None:
-                with self.cost.timing("pspl-fit"):
-                    triggers += self.psplfit.process(
-                        [(res, order[starts[e]:starts[e] + counts[e]]) for e, res in enumerate(results)],
-                        points)
-        self._deliver(msgs, dead, triggers)
-        self._retrying("offset commit", lambda: self._commit(msgs))
-        # bookkeeping
-        elapsed = time.perf_counter() - t0
-        now_us = int(time.time() * 1e6)
-        produced = points.produced_us
-        reasons = Tally(r.reason for _, r in dead)
-        m, s, iv = self.metrics, self.summary, self._interval
-        m.alerts.inc(len(msgs)); m.points.inc(n_app); m.duplicates.inc(n_dup); m.dropped.inc(n_drop)
-        m.triggers.inc(len(triggers)); m.batch_seconds.observe(elapsed)
-        for reason, k in reasons.items():
-            m.dead_letters.labels(reason).inc(k)
-        s.alerts += len(msgs); s.points += n_app; s.duplicates += n_dup
-        s.dead_letters.update(reasons); s.triggers += len(triggers); s.batches += 1
-        s.busy_seconds += elapsed; s.rule_seconds = dict(self.cost.seconds)
-        iv.alerts += len(msgs); iv.points += n_app; iv.duplicates += n_dup
-        iv.dead_letters += len(dead); iv.triggers += len(triggers); iv.batches += 1
-        iv.busy_s += elapsed
-        iv.add_latencies(produced, now_us)
+        return [m for m in msgs if m.error() is None]
 
-    def _score_and_decide(self, jobs, owners, points, pending: list[int]) -> list[dict]:
-        """Model pass, decision, score write-back; the triggers to produce now."""
+    def _append(self, points, kept, dead: list, n: "BatchCounts") -> list[tuple]:
+        """Append every point (one Redis round trip); [(AppendResult, the event's rows in
+        ``points``)] per event. Dead letters from the state go to ``dead``."""
+        order = np.argsort(points.object_id, kind="stable")
+        uniq, starts, counts = np.unique(points.object_id[order], return_index=True, return_counts=True)
+        packed = st.pack_points(points.source_id[order], points.time[order], points.mag[order],
+                                points.mag_err[order], points.band[order])
+        results = self.store.append(uniq.tolist(), counts.tolist(), packed)
+        touched = []
+        for e, res in enumerate(results):
+            rows = order[starts[e]:starts[e] + counts[e]]
+            app, dup, bad = append_outcomes(res.statuses, rows, points, kept)
+            n.points += app
+            n.duplicates += dup
+            dead += bad
+            n.dropped += res.dropped_now
+            if res.rescored:
+                n.rescored += 1
+                log.info("event %d was scored by another model (or smoothing window): its %d "
+                         "stored points are scored again by %s", res.object_id,
+                         res.header.n_total - res.header.n_dropped, self.artifact.version)
+            touched.append((res, rows))
+        return touched
+
+    def _score_and_decide(self, touched: list[tuple], points) -> list[dict]:
+        """Model pass, decision, score write-back; the triggers to produce now (new ones and
+        those still pending in an outbox)."""
         out: list[dict] = []
+        pending = [res.object_id for res, _ in touched if res.trigger_status == b"P"]
+        jobs, owners = [], []
+        for res, rows in touched:
+            h = res.header
+            if h.n_scored < h.n_total:
+                w = res.window
+                jobs.append(Job(h.n_scored, res.start, w["t"].astype(np.float64),
+                                w["mag"].astype(np.float32), w["err"].astype(np.float32), h.reference))
+                owners.append((res, rows))
         if jobs:
             probs = self.scorer.score(jobs)
             heads = [res.header for res, _ in owners]
@@ -317,13 +463,13 @@ class Broker:
                 np.array([h.triggered or res.trigger_status != b"\0" for h, (res, _) in zip(heads, owners)]),
                 self.rule)
             updates = []
-            for job, (res, mine), p, d in zip(jobs, owners, probs, decisions):
+            for job, (res, rows), p, d in zip(jobs, owners, probs, decisions):
                 h = res.header
                 trig = None
                 if d.fire is not None:
                     g = h.n_scored + d.fire
-                    trig = trigger_at(res.object_id, h, points, mine, self.rule, d.score, g,
-                                      float(job.time[g - job.start]), self.artifact.version)
+                    trig = trigger_at(res.object_id, res.window[g - res.start], points, rows, self.rule,
+                                      d.score, g, self.artifact.version)
                 updates.append(st.ScoreUpdate(res.object_id, h.n_scored, p, d.ring, trig))
             codes = self.store.save_scores(updates)
             for u, code in zip(updates, codes):
@@ -332,12 +478,14 @@ class Broker:
                 elif code == st.TRIG_PENDING:
                     pending.append(u.object_id)
                 elif code in (st.TRIG_CONFLICT, st.TRIG_GONE):
-                    log.warning("event %d: scores not stored (%s): another consumer updated it "
-                                "or it expired", u.object_id,
+                    log.warning("event %d: scores not stored (%s): it was reset, rescored by another "
+                                "model or expired meanwhile", u.object_id,
                                 "conflict" if code == st.TRIG_CONFLICT else "gone")
             self.metrics.scored.inc(sum(len(p) for p in probs))
+        new_ids = {t["diaObjectId"] for t in out}
+        pending = sorted(set(pending) - new_ids)
         if pending:
-            got = self.store.pending_triggers(sorted(set(pending)))
+            got = self.store.pending_triggers(pending)
             if got:
                 log.info("re-producing %d trigger(s) whose delivery was not confirmed", len(got))
             out.extend(got.values())
@@ -350,8 +498,9 @@ class Broker:
         cb = self._on_delivery
         for i, rej in dead:
             m = msgs[i]
-            d = dead_letter(m.key(), m.value(), m.headers(), rej.reason, rej.detail, m.topic(),
-                            m.partition(), m.offset(), self.group)
+            headers, unreadable = message_headers(m)
+            d = dead_letter(m.key(), m.value(), headers, rej.reason, rej.detail, m.topic(),
+                            m.partition(), m.offset(), self.group, headers_error=unreadable)
             self.producer.produce(topics.dead_letter, key=d.key, value=d.value, headers=d.headers,
                                   on_delivery=cb)
         sent_ids, sent_fit = [], []
@@ -363,11 +512,14 @@ class Broker:
         if not dead and not triggers:
             return
         # librdkafka reports every message within message.timeout.ms (retrying meanwhile,
-        # through a broker restart too), so this wait ends; a stop request cuts it short
+        # through a broker restart too), so this wait ends; a stop request cuts it short.
+        # The consumer keeps polling (partitions paused) so the wait never costs its membership.
         deadline = time.monotonic() + self._message_timeout_s + 5.0
         left = self.producer.flush(1.0)
         while left and not self._stop.is_set() and time.monotonic() < deadline:
+            self._keep_alive()
             left = self.producer.flush(1.0)
+        self._resume()
         errors = self._delivery_errors
         if left or errors:
             raise DeliveryError(
@@ -377,6 +529,25 @@ class Broker:
         self.store.mark_sent(sent_ids)
         if sent_fit:
             self.psplfit.mark_sent(sent_fit)
+
+    def _account(self, msgs, points, n: "BatchCounts", reasons: Tally, n_triggers: int,
+                 elapsed: float) -> None:
+        """The batch's counts, once, into the metrics, the summary and the log interval."""
+        m, s, iv = self.metrics, self.summary, self._interval
+        n_dead = sum(reasons.values())
+        m.alerts.inc(len(msgs)); m.points.inc(n.points); m.duplicates.inc(n.duplicates)
+        m.dropped.inc(n.dropped); m.triggers.inc(n_triggers); m.batch_seconds.observe(elapsed)
+        m.rescored.inc(n.rescored)
+        for reason, k in reasons.items():
+            m.dead_letters.labels(reason).inc(k)
+        s.alerts += len(msgs); s.points += n.points; s.duplicates += n.duplicates
+        s.rescored += n.rescored
+        s.dead_letters.update(reasons); s.triggers += n_triggers; s.batches += 1
+        s.busy_seconds += elapsed; s.rule_seconds = dict(self.cost.seconds)
+        iv.alerts += len(msgs); iv.points += n.points; iv.duplicates += n.duplicates
+        iv.dead_letters += n_dead; iv.triggers += n_triggers; iv.batches += 1
+        iv.busy_s += elapsed
+        iv.add_latencies(points.produced_us, int(time.time() * 1e6))
 
     def _on_delivery(self, err, msg) -> None:
         if err is not None:

@@ -28,6 +28,11 @@ class Metrics:
                                "Redis or Kafka fault", ["cause"], registry=r)
         self.triggers = Counter("ulens_triggers", "Triggers produced", registry=r)
         self.scored = Counter("ulens_points_scored", "Points given a model probability", registry=r)
+        self.rescored = Counter("ulens_events_rescored", "Events met scored by another model (or "
+                                "smoothing window) and scored again", registry=r)
+        self.alarms = Counter("ulens_alarms", "Retries of a fault that needs a person (Redis out of "
+                              "memory, or refusing writes after a failed snapshot)", ["reason"],
+                              registry=r)
         self.batch_seconds = Histogram(
             "ulens_batch_seconds", "Wall time to process one poll batch (decode to commit)",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0), registry=r)

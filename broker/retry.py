@@ -50,6 +50,21 @@ def kafka_error_is_transient(err) -> bool:
     return err.retriable() or err.code() in transient_kafka_codes()
 
 
+def alarm_of(exc: BaseException) -> Optional[str]:
+    """``"redis_oom"`` / ``"redis_misconf"`` when Redis refuses writes until a person acts
+    (maxmemory reached; a failed snapshot with stop-writes-on-bgsave-error): waited out like
+    an outage, but logged as an alarm (ERROR, ``ulens_alarms_total``), not as a blip."""
+    import redis
+
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return "redis_oom"
+    # redis-py prefixes an error inside a pipeline with "Command # n (...) of pipeline caused error: "
+    if isinstance(exc, redis.exceptions.ResponseError) and \
+            str(exc).rsplit("caused error: ", 1)[-1].startswith("MISCONF"):
+        return "redis_misconf"
+    return None
+
+
 def transient_cause(exc: BaseException) -> Optional[str]:
     """``"redis"`` or ``"kafka"`` when ``exc`` is a fault of that service worth waiting
     out; None when it is not (it must stop the consumer)."""
@@ -59,6 +74,8 @@ def transient_cause(exc: BaseException) -> Optional[str]:
     if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                         redis.exceptions.TryAgainError, redis.exceptions.ReadOnlyError)):
         return "redis"          # BusyLoadingError (LOADING after a restart) is a ConnectionError
+    if alarm_of(exc) is not None:
+        return "redis"
     if isinstance(exc, DeliveryError):
         return "kafka" if exc.transient else None
     if isinstance(exc, KafkaException):
@@ -97,23 +114,37 @@ class Backoff:
 
 class GaveUp(BrokerError):
     """A transient fault lasted longer than ``consumer.retry_for_s``."""
+    exit_code = 4       # services unavailable (ulens/cli.py's table)
 
 
-def retrying(what: str, fn: Callable, *, budget: float, stop, log, count=None,
-             backoff: Optional[Backoff] = None):
+class Interrupted(BrokerError):
+    """A stop was asked for (SIGTERM, SIGINT) while a batch waited out a fault: nothing of
+    that batch was committed; the next start re-reads it."""
+    exit_code = 130
+
+
+def retrying(what: str, fn: Callable, *, budget: float, stop, log, count=None, alarm=None,
+             wait: Optional[Callable[[float], bool]] = None, backoff: Optional[Backoff] = None):
     """``fn()``, run again after each transient fault (``transient_cause``) with backoff.
 
-    ``stop`` (a ``threading.Event``) set ends the waiting: the last error is raised (the
-    caller is shutting down and commits nothing). ``count(cause)`` is called once per retry
-    (metrics). After ``budget`` seconds of failures :class:`GaveUp` is raised."""
+    ``stop`` (a ``threading.Event``) set ends the waiting: :class:`Interrupted` is raised
+    (the caller is shutting down and commits nothing). ``count(cause)`` is called once per
+    retry (metrics), ``alarm(name)`` once per retry of an alarming fault (``alarm_of``).
+    ``wait(seconds)`` sleeps between tries and returns True when stopped (default
+    ``stop.wait``; the consumer polls Kafka meanwhile). After ``budget`` seconds of
+    failures :class:`GaveUp` is raised."""
     b = backoff            # made at the first fault: nothing extra per call on the hot path
+    wait = wait or stop.wait
     while True:
         try:
             result = fn()
         except Exception as exc:
             cause = transient_cause(exc)
-            if cause is None or stop.is_set():
+            if cause is None:
                 raise
+            if stop.is_set():
+                raise Interrupted(f"{what}: stopped while {cause} was failing "
+                                  f"({type(exc).__name__}: {exc}); nothing of it committed") from exc
             b = b or Backoff(budget)
             delay = b.next_delay()
             if delay is None:
@@ -121,10 +152,19 @@ def retrying(what: str, fn: Callable, *, budget: float, stop, log, count=None,
                              f"(consumer.retry_for_s = {budget:g}): {type(exc).__name__}: {exc}") from exc
             if count is not None:
                 count(cause)
-            log.warning("%s failed (%s unavailable: %s: %s); nothing committed, retry %d in %.1f s",
-                        what, cause, type(exc).__name__, str(exc)[:200], b.attempt, delay)
-            if stop.wait(delay):
-                raise
+            name = alarm_of(exc)
+            if name is not None:
+                if alarm is not None:
+                    alarm(name)
+                log.error("ALARM %s: %s failed (%s: %s): Redis refuses writes until this is fixed; "
+                          "nothing committed, retry %d in %.1f s", name, what, type(exc).__name__,
+                          str(exc)[:200], b.attempt, delay)
+            else:
+                log.warning("%s failed (%s unavailable: %s: %s); nothing committed, retry %d in %.1f s",
+                            what, cause, type(exc).__name__, str(exc)[:200], b.attempt, delay)
+            if wait(delay):
+                raise Interrupted(f"{what}: stopped while waiting out a {cause} fault; nothing of "
+                                  "it committed") from exc
             continue
         if b is not None and b.attempt:
             log.info("%s succeeded after %d retr%s over %.1f s", what, b.attempt,

@@ -17,8 +17,15 @@ human ``detail``. Reasons:
 ``nonpositive_error``  scienceFluxErr or psfFluxErr zero or negative
 ``nonpositive_flux``   scienceFlux zero or negative (no magnitude exists)
 ``absurd_value``       time, position, band, magnitude or magnitude error out of range
+``future_time``        midpointMjdTai later than the wall clock + ``consumer.future_margin_s``
+                       (a point from the future would become the event's newest and
+                       block every real one as out of order)
+``unreadable``         reading or checking the message raised an unexpected error (the
+                       detail names it); the message is kept as it could be read
 ``out_of_order``       (from the state) earlier than the event's newest point, not a duplicate
-``duplicate_time``     (from the state) same time as the newest point, other diaSourceId
+``duplicate_time``     (from the state) a stored point has this time and another diaSourceId
+``changed_resend``     (from the state) this diaSourceId is stored with another time,
+                       magnitude, error or band (an exact re-send is a duplicate)
 =====================  ==========================================================
 """
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Optional
 
 import numpy as np
 
+from broker import state as st
 from schemas import BadBody, BadMagicByte, CodecError, TruncatedFrame, UnknownSchemaId, WrongKind
 from training.photometry import njy_to_mag
 
@@ -59,6 +67,7 @@ class Points:
     mag: np.ndarray          # float32, from scienceFlux
     mag_err: np.ndarray      # float32, from scienceFluxErr
     produced_us: np.ndarray  # int64 alertProducedUs
+    band: np.ndarray         # uint8 band code (broker.state.band_codes)
 
     def __len__(self) -> int:
         return len(self.object_id)
@@ -66,7 +75,8 @@ class Points:
     @classmethod
     def empty(cls) -> "Points":
         z = np.empty(0, dtype=np.int64)
-        return cls(z, z, z.astype(np.float64), z.astype(np.float32), z.astype(np.float32), z)
+        return cls(z, z, z.astype(np.float64), z.astype(np.float32), z.astype(np.float32), z,
+                   z.astype(np.uint8))
 
 
 def codec_reason(exc: CodecError) -> str:
@@ -84,8 +94,16 @@ def decode(codec, value: Optional[bytes]) -> dict | Rejected:
         return Rejected(codec_reason(exc), str(exc))
 
 
-def check_record(record: dict, key: Optional[bytes]) -> Optional[Rejected]:
-    """Checks that need no magnitude: key, ids, finiteness, signs and ranges."""
+def mjd_now(now_s: Optional[float] = None) -> float:
+    """MJD (UTC; TAI is 37 s ahead, far below any margin used here) of a Unix time."""
+    import time
+
+    return (time.time() if now_s is None else now_s) / 86400.0 + 40587.0
+
+
+def check_record(record: dict, key: Optional[bytes], max_mjd: Optional[float] = None) -> Optional[Rejected]:
+    """Checks that need no magnitude: key, ids, finiteness, signs and ranges; with
+    ``max_mjd``, times after it are refused (``future_time``)."""
     oid, sid = record["diaObjectId"], record["diaSourceId"]
     if oid < 0 or sid < 0:
         return Rejected("bad_id", f"diaObjectId {oid}, diaSourceId {sid}: ids must be >= 0")
@@ -103,6 +121,9 @@ def check_record(record: dict, key: Optional[bytes]) -> Optional[Rejected]:
     t = record["midpointMjdTai"]
     if not MJD_RANGE[0] <= t <= MJD_RANGE[1]:
         return Rejected("absurd_value", f"midpointMjdTai = {t} outside {MJD_RANGE}")
+    if max_mjd is not None and t > max_mjd:
+        return Rejected("future_time", f"midpointMjdTai = {t} is {t - max_mjd:.4f} d after the "
+                        f"latest accepted time {max_mjd:.4f} (now + consumer.future_margin_s)")
     if not (0.0 <= record["ra"] <= 360.0 and -90.0 <= record["dec"] <= 90.0):
         return Rejected("absurd_value", f"ra, dec = {record['ra']}, {record['dec']} out of range")
     if record["band"] not in BANDS:
@@ -129,16 +150,24 @@ def check_magnitudes(mag: np.ndarray, err: np.ndarray) -> list[Optional[Rejected
     return out
 
 
-def validate_batch(codec, values: list, keys: list) -> tuple[Points, list[int], dict[int, Rejected]]:
-    """Decode and check a batch: (valid points, their message indices, {message index: Rejected})."""
+def validate_batch(codec, values: list, keys: list, max_mjd: Optional[float] = None
+                   ) -> tuple[Points, list[int], dict[int, Rejected]]:
+    """Decode and check a batch: (valid points, their message indices, {message index: Rejected}).
+
+    ``max_mjd``: the latest time accepted (``mjd_now() + margin``), None for no bound. Any
+    error while reading one message rejects that message (``unreadable``), never the batch."""
     rejected: dict[int, Rejected] = {}
     recs, idx = [], []
     for i, (v, k) in enumerate(zip(values, keys)):
-        rec = decode(codec, v)
-        if isinstance(rec, Rejected):
-            rejected[i] = rec
+        try:
+            rec = decode(codec, v)
+            if isinstance(rec, Rejected):
+                rejected[i] = rec
+                continue
+            bad = check_record(rec, k, max_mjd)
+        except Exception as exc:  # a poison pill must not stop the consumer on every restart
+            rejected[i] = Rejected("unreadable", f"{type(exc).__name__}: {exc}")
             continue
-        bad = check_record(rec, k)
         if bad is not None:
             rejected[i] = bad
             continue
@@ -161,8 +190,48 @@ def validate_batch(codec, values: list, keys: list) -> tuple[Points, list[int], 
             ok[j] = False
     pts = Points(col("diaObjectId", np.int64)[ok], col("diaSourceId", np.int64)[ok],
                  col("midpointMjdTai", np.float64)[ok], mag[ok], err[ok],
-                 col("alertProducedUs", np.int64)[ok])
+                 col("alertProducedUs", np.int64)[ok], st.band_codes(r["band"] for r in recs)[ok])
     return pts, [i for i, good in zip(idx, ok) if good], rejected
+
+
+def append_outcomes(statuses: bytes, rows, points: Points, kept: list[int]
+                    ) -> tuple[int, int, list[tuple[int, Rejected]]]:
+    """What the append script's status codes for one event's points mean: (appended,
+    duplicates, [(message index, Rejected)]). ``rows``: the points' rows in ``points``."""
+    if statuses == st.APPENDED * len(rows):
+        return len(rows), 0, []
+    n_app = n_dup = 0
+    dead = []
+    for code, i in zip(statuses, rows):
+        code = bytes([code])
+        if code == st.APPENDED:
+            n_app += 1
+        elif code in (st.DUPLICATE, st.DUPLICATE_UNVERIFIED):
+            n_dup += 1
+        elif code == st.OUT_OF_ORDER:
+            dead.append((kept[i], Rejected(
+                "out_of_order", f"midpointMjdTai {points.time[i]} is earlier than the event's "
+                "newest point and matches no stored point")))
+        elif code == st.CONFLICT:
+            dead.append((kept[i], Rejected(
+                "duplicate_time", f"midpointMjdTai {points.time[i]} is the time of a stored point "
+                f"with another diaSourceId than {points.source_id[i]}")))
+        elif code == st.CHANGED:
+            dead.append((kept[i], Rejected(
+                "changed_resend", f"diaSourceId {points.source_id[i]} is stored with another time, "
+                "magnitude, error or band (re-sent with changed content)")))
+        else:
+            raise ValueError(f"unknown append status {code!r}")
+    return n_app, n_dup, dead
+
+
+def message_headers(msg) -> tuple[list, Optional[str]]:
+    """A Kafka message's headers, or ([], why) when they cannot be read (a header name that
+    is not UTF-8 makes confluent-kafka's ``headers()`` raise)."""
+    try:
+        return list(msg.headers() or []), None
+    except Exception as exc:
+        return [], f"{type(exc).__name__}: {exc}"
 
 
 # A dead letter must fit the producer's message.max.bytes (librdkafka's default 1,000,000)
@@ -184,12 +253,16 @@ class DeadLetter:
 
 
 def dead_letter(key: Optional[bytes], value: Optional[bytes], original_headers, reason: str,
-                detail: str, topic: str, partition: int, offset: int, group: str) -> DeadLetter:
+                detail: str, topic: str, partition: int, offset: int, group: str,
+                headers_error: Optional[str] = None) -> DeadLetter:
     """The dead-letter record of a rejected message: the original key, value and headers
-    (cut to fit :data:`DEAD_LETTER_MAX_BYTES`) plus where it came from and why."""
+    (cut to fit :data:`DEAD_LETTER_MAX_BYTES`) plus where it came from and why;
+    ``headers_error`` says why the original headers could not be read (then left out)."""
     ours = [("dlq.reason", reason.encode()), ("dlq.detail", detail[:1000].encode()),
             ("dlq.source.topic", topic.encode()), ("dlq.source.partition", str(partition).encode()),
             ("dlq.source.offset", str(offset).encode()), ("dlq.consumer.group", group.encode())]
+    if headers_error is not None:
+        ours.append(("dlq.headers.unreadable", headers_error[:500].encode()))
     kept, size = [], 0
     original = list(original_headers or [])
     for name, val in original:

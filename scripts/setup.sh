@@ -10,6 +10,8 @@ need=()
 command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need+=(redis-server)
 command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need+=(maven)
+# kcat (Debian, BSD-2): the tests' producer of raw header bytes that confluent-kafka cannot write
+command -v kcat >/dev/null 2>&1 || need+=(kcat)
 command -v python3 >/dev/null 2>&1 || need+=(python3 python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} with apt-get"

@@ -66,7 +66,7 @@ def make_events(rng):
     events = []
     for e in range(N_EVENTS):
         n = int(rng.integers(*POINTS))
-        t = 61000.0 + rng.uniform(0, 30) + np.cumsum(rng.uniform(0.05, 2.0, n))
+        t = 60000.0 + rng.uniform(0, 30) + np.cumsum(rng.uniform(0.05, 2.0, n))
         u = np.sqrt(rng.uniform(0.05, 1.0) ** 2 + ((t - rng.uniform(t[0], t[-1])) / rng.uniform(5, 60)) ** 2)
         amp = (u ** 2 + 2) / (u * np.sqrt(u ** 2 + 4))
         err = rng.uniform(0.01, 0.1, n).astype(np.float32)
@@ -125,7 +125,7 @@ def build_stream(rng, big_bytes: int = BIG_ALERT_BYTES):
         n = i % 6   # 0..4 bytes, and 5 = no value at all (a tombstone)
         tag("short_frame", key_of(fresh_oid()), None if n == 5 else bytes([0]) + rng.bytes(n - 1) if n else b"")
     for _ in range(counts["truncated_alert"]):
-        v = enc(rec(midpointMjdTai=61000.0 + rng.uniform(0, 50)))
+        v = enc(rec(midpointMjdTai=60000.0 + rng.uniform(0, 50)))
         tag("truncated_alert", key_of(fresh_oid()), v[:int(rng.integers(HEADER.size, len(v)))])
     n_body = 0
     while n_body < counts["random_body"]:

@@ -52,7 +52,7 @@ pytestmark = pytest.mark.faults
 
 # --- sizes (the whole tier must run in <= 8 minutes on 2 cores) -----------------------
 N_PSPL, N_BINARY, SIM_SEED = 9, 9, 11       # 21,600 alerts (>= 20,000)
-START_MJD = 61000.0
+START_MJD = cfg.ReplaySettings().start_mjd     # the replay's default day 0
 # session_timeout_s 6 (the broker's minimum) instead of 45: after a SIGKILL the restarted
 # member gets its partitions as soon as the dead one's session expires
 CONSUMER = {"batch_size": 500, "poll_timeout_s": 0.2, "log_interval_s": 0.5, "session_timeout_s": 6.0}
@@ -660,7 +660,7 @@ def overload_alert(i: int) -> tuple[bytes, bytes]:
     oid = OVERLOAD_FIRST_OID + e
     mag = np.float32(19.0 + 0.3 * np.sin(0.05 * k + e))
     flux, ferr = mag_to_njy(np.array([mag]), np.array([np.float32(0.05)]))
-    rec = {"diaSourceId": oid * 100_000 + k, "diaObjectId": oid, "midpointMjdTai": 61000.0 + e * 1e-4 + 0.25 * k,
+    rec = {"diaSourceId": oid * 100_000 + k, "diaObjectId": oid, "midpointMjdTai": 60000.0 + e * 1e-4 + 0.25 * k,
            "band": "i", "ra": 268.5, "dec": -29.0, "psfFlux": float(flux[0]) * 0.1,
            "psfFluxErr": float(ferr[0]), "scienceFlux": float(flux[0]), "scienceFluxErr": float(ferr[0]),
            "alertProducedUs": time.time_ns() // 1000, "prvDiaSources": None}

@@ -44,7 +44,7 @@ def make_events(seed: int, n_events: int, lengths=(30, 260)):
     rng = np.random.default_rng(seed)
     events = []
     for e in range(n_events):
-        t, mag, err = light_curve(rng, int(rng.integers(*lengths)), t0=61000.0 + rng.uniform(0, 50))
+        t, mag, err = light_curve(rng, int(rng.integers(*lengths)), t0=60000.0 + rng.uniform(0, 50))
         events.append({"oid": 5000 + seed * 100 + e, "t": t, "mag": mag, "err": err})
     return events
 
@@ -355,24 +355,26 @@ def test_trigger_outbox_survives_a_crash_before_delivery(redis_client, key_prefi
     """Decided (SET NX) but never confirmed sent: the next touch of the event reports it pending."""
     store = st.EventStore(redis_client, key_prefix, 600, 2000, reference_points=10,
                           receptive_field=97, smooth_window=5)
-    (res,) = store.append([9], [1], st.pack_points([90], [61000.0], [np.float32(20)], [np.float32(0.1)]))
+    (res,) = store.append([9], [1], st.pack_points([90], [60000.0], [np.float32(20)], [np.float32(0.1)]))
     trig = {"triggerId": "abc", "diaObjectId": 9}
     codes = store.save_scores([st.ScoreUpdate(9, 0, np.array([0.9], np.float32),
                                               np.full(5, 0.9, np.float32), trig)])
     assert codes == [st.TRIG_NEW]
     # "crash": not marked sent. A re-delivered alert touches the event:
-    (res,) = store.append([9], [1], st.pack_points([90], [61000.0], [np.float32(20)], [np.float32(0.1)]))
+    (res,) = store.append([9], [1], st.pack_points([90], [60000.0], [np.float32(20)], [np.float32(0.1)]))
     assert res.statuses == st.DUPLICATE and res.trigger_status == b"P" and res.header.triggered
     assert store.pending_triggers([9]) == {9: trig}
     # a second decision for the same event cannot create another trigger
-    (res,) = store.append([9], [1], st.pack_points([91], [61001.0], [np.float32(20)], [np.float32(0.1)]))
+    (res,) = store.append([9], [1], st.pack_points([91], [60001.0], [np.float32(20)], [np.float32(0.1)]))
     assert store.save_scores([st.ScoreUpdate(9, 1, np.array([0.9], np.float32), np.full(5, 0.9, np.float32),
                                              {"triggerId": "other"})]) == [st.TRIG_PENDING]
     assert store.mark_sent([9]) == 1
     assert store.pending_triggers([9]) == {} and store.read(9).trigger_status == "sent"
 
 
-def test_memory_of_a_100_point_event_is_under_2_kb(redis_client, key_prefix):
+def test_memory_of_a_100_point_event_is_under_3_3_kb(redis_client, key_prefix):
+    """26 bytes a point (the diaSourceId and band are stored for idempotency by source and
+    per-band curves): a 2,672-byte value sits in jemalloc's 3,072-byte class, plus the key."""
     store = st.EventStore(redis_client, key_prefix, 600, 2000, reference_points=10,
                           receptive_field=97, smooth_window=5)
     rng = np.random.default_rng(0)
@@ -382,8 +384,8 @@ def test_memory_of_a_100_point_event_is_under_2_kb(redis_client, key_prefix):
         sl = slice(i, min(i + 7, 100))
         store.append([oid], [len(t[sl])], st.pack_points(np.arange(len(t))[sl], t[sl], mag[sl], err[sl]))
     used = redis_client.memory_usage(store.event_key(oid), samples=0)
-    assert redis_client.strlen(store.event_key(oid)) == 40 + 4 * 5 + 100 * 17
-    assert used <= 2048, used
+    assert redis_client.strlen(store.event_key(oid)) == st.header_size(5) + 100 * st.RECORD.itemsize == 2672
+    assert used <= 3300, used
     print(f"MEMORY USAGE of a 100-point event: {used} bytes")
 
 

@@ -19,6 +19,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+import config as cfg
 from replay import photometry_files as pf
 from schemas import default_codec
 from tests.helpers import unique
@@ -27,7 +28,7 @@ from training.photometry import mag_to_njy
 from ulens import cli
 
 REPO = Path(__file__).resolve().parents[2]
-START = 61000.0
+START = cfg.ReplaySettings().start_mjd   # the replay's default day 0
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -7,7 +7,8 @@ import redis
 from confluent_kafka import KafkaError, KafkaException
 
 from broker.errors import BrokerError, DeliveryError
-from broker.retry import Backoff, GaveUp, kafka_error_is_transient, retrying, transient_cause
+from broker.retry import (Backoff, GaveUp, Interrupted, alarm_of, kafka_error_is_transient, retrying,
+                          transient_cause)
 
 log = logging.getLogger("test")
 
@@ -117,9 +118,58 @@ def test_retrying_does_not_retry_other_errors_or_when_stopping():
     def work():
         raise redis.exceptions.ConnectionError("down")
 
-    with pytest.raises(redis.exceptions.ConnectionError):
+    with pytest.raises(Interrupted) as info:
         retrying("batch", work, budget=60, stop=stop, log=log)
     assert len(stop.waits) == 1
+    assert isinstance(info.value.__cause__, redis.exceptions.ConnectionError)
+    assert Interrupted.exit_code == 130 and GaveUp.exit_code == 4
+
+
+def test_redis_out_of_memory_and_misconf_are_waited_out_with_an_alarm():
+    oom = redis.exceptions.OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory'.")
+    misconf = redis.exceptions.ResponseError(
+        "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.")
+    assert (alarm_of(oom), alarm_of(misconf)) == ("redis_oom", "redis_misconf")
+    in_pipeline = redis.exceptions.ResponseError("Command # 1 (EVALSHA abc 2 k:ev:1 k:tr:1) of pipeline "
+                                                 "caused error: " + str(misconf))
+    assert alarm_of(in_pipeline) == "redis_misconf"
+    assert transient_cause(oom) == transient_cause(misconf) == "redis"
+    assert alarm_of(redis.exceptions.ResponseError("WRONGTYPE")) is None
+    assert transient_cause(redis.exceptions.ResponseError("WRONGTYPE")) is None
+    clock = Clock()
+    stop = FakeStop(clock)
+    tries, alarms = iter([oom, misconf, None]), []
+
+    def work():
+        e = next(tries)
+        if e is not None:
+            raise e
+        return "ok"
+
+    assert retrying("batch", work, budget=60, stop=stop, log=log, alarm=alarms.append) == "ok"
+    assert alarms == ["redis_oom", "redis_misconf"]
+
+
+def test_retrying_waits_with_the_given_wait():
+    """The consumer passes a wait that polls Kafka (partitions paused) instead of sleeping."""
+    clock = Clock()
+    waited = []
+
+    def wait(seconds):
+        waited.append(seconds)
+        clock.t += seconds
+        return False
+
+    tries = iter([redis.exceptions.ConnectionError("down"), None])
+
+    def work():
+        e = next(tries)
+        if e is not None:
+            raise e
+        return 1
+
+    assert retrying("batch", work, budget=60, stop=FakeStop(clock), log=log, wait=wait) == 1
+    assert len(waited) == 1 and waited[0] > 0
 
 
 def test_retry_budget_zero_fails_at_the_first_fault():
