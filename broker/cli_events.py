@@ -31,11 +31,12 @@ def format_event(d: dict) -> str:
         lines.append(f"trigger {t['triggerId']}: point {t['nPoints']} (diaSourceId {t['diaSourceId']}, "
                      f"MJD {t['midpointMjdTai']:.5f}), P {t['probability']:.4f} >= {t['threshold']:.4f}, "
                      f"model {t['modelVersion']}")
-    lines.append(f"{'index':>7} {'MJD':>14} {'mag':>9} {'mag_err':>8} {'P(binary)':>10}")
+    lines.append(f"{'index':>7} {'diaSourceId':>20} {'MJD':>14} {'band':>4} {'mag':>9} {'mag_err':>8} "
+                 f"{'P(binary)':>10}")
     for p in d["points"]:
         pb = "-" if p["p_binary"] is None else f"{p['p_binary']:.3f}"
-        lines.append(f"{p['index']:>7} {p['midpointMjdTai']:>14.5f} {p['mag']:>9.4f} "
-                     f"{p['mag_err']:>8.4f} {pb:>10}")
+        lines.append(f"{p['index']:>7} {p['diaSourceId']:>20} {p['midpointMjdTai']:>14.5f} "
+                     f"{p['band'] or '?':>4} {p['mag']:>9.4f} {p['mag_err']:>8.4f} {pb:>10}")
     return "\n".join(lines)
 
 
