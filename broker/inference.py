@@ -13,14 +13,15 @@ returns the stored points from ``start = window_start(...)`` on. Two cases:
 Windows of the same (length, u) are stacked and run in one ``artifact.predict_last``
 call (the model's dependency cone of the newest ``u`` outputs). Because the net is
 causal and sees the receptive field, the outputs equal those of ``artifact.predict``
-on the full light curve (tested to 1e-5). On a GPU, young events (whose windows have
-many different lengths) are instead right-padded to one length and run through one
-full ``artifact.predict`` (right padding is invisible to a causal net): one call
-instead of one per length, and the extra positions cost the GPU nothing.
+on the full light curve within ``training.model.PROB_TOLERANCE`` (float32 rounding, not
+bit for bit; an event's last bits may also change with its batch). On a GPU, young events
+(whose windows have many different lengths) are instead right-padded to one length and
+run through one full ``artifact.predict`` (right padding is invisible to a causal net):
+one call instead of one per length, and the extra positions cost the GPU nothing.
 
 Each group's model input is built in one call, ``artifact.inputs_batch`` (the batch form
-of ``training.features.build_features``: one formula, so the rows equal
-``artifact.inputs`` of each window bit for bit).
+of ``training.features.build_features``: one formula, so on one machine the rows equal
+``artifact.inputs`` of each window bit for bit; see ``training.features``).
 """
 from __future__ import annotations
 

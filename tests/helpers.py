@@ -32,3 +32,53 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+def assert_states_match(dump_a: dict, dump_b: dict, tol: float) -> None:
+    """Two dumps of the broker's Redis state hold the same events, points and triggers,
+    with probabilities within ``tol`` (``training.model.PROB_TOLERANCE``: two float32 runs
+    of the model on different batches may round differently).
+
+    ``dump_*``: {key: value} with the keys' prefix removed (``b"ev:<id>"``, ``b"tr:<id>"``).
+    ``ev:``: every ``broker.state.Header`` field equal but the ring of probabilities
+    (float32, within ``tol``); the records equal field by field (``RECORD.names``) but
+    ``p``, round(254 P), which may differ by 1 (unscored, 255, on both sides or neither).
+    ``tr:``: the status byte equal, the trigger JSON equal but ``probability`` (within
+    ``tol``). Any other key: equal bytes. Written over the Header fields and RECORD names,
+    not byte offsets, so it follows changes of the layout.
+    """
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from broker import state as st
+
+    assert dump_a.keys() == dump_b.keys(), sorted(dump_a.keys() ^ dump_b.keys())
+    for key, a in dump_a.items():
+        b = dump_b[key]
+        kind = key.split(b":", 1)[0]
+        if kind == b"ev":
+            ha, hb = st.parse_header(a), st.parse_header(b)
+            for f in dataclasses.fields(st.Header):
+                if f.name != "ring_bytes":
+                    assert getattr(ha, f.name) == getattr(hb, f.name), (key, f.name)
+            assert np.abs(ha.ring.astype(np.float64) - hb.ring).max(initial=0.0) <= tol, \
+                (key, "ring", ha.ring, hb.ring)
+            ra = np.frombuffer(a, dtype=st.RECORD, offset=st.header_size(ha.m))
+            rb = np.frombuffer(b, dtype=st.RECORD, offset=st.header_size(hb.m))
+            assert len(ra) == len(rb), (key, len(ra), len(rb))
+            for name in st.RECORD.names:
+                if name != "p":
+                    assert ra[name].tobytes() == rb[name].tobytes(), (key, name)
+            pa, pb = ra["p"].astype(int), rb["p"].astype(int)
+            assert np.array_equal(pa == st.PROB_UNSCORED, pb == st.PROB_UNSCORED), (key, "unscored")
+            assert np.abs(pa - pb).max(initial=0) <= 1, (key, "p", pa, pb)
+        elif kind == b"tr":
+            assert a[:1] == b[:1], (key, "status", a[:1], b[:1])
+            ta, tb = json.loads(a[1:]), json.loads(b[1:])
+            pa, pb = ta.pop("probability"), tb.pop("probability")
+            assert ta == tb, (key, ta, tb)
+            assert abs(pa - pb) <= tol, (key, "probability", pa, pb)
+        else:
+            assert a == b, key

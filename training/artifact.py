@@ -107,8 +107,8 @@ class Artifact:
     def inputs_batch(self, time, mag, mag_err, reference=None, prev_time=None,
                      lengths=None) -> np.ndarray:
         """Model input (B, W, C) float32 for B curves or tail windows at once: row ``b`` equals
-        ``inputs(...)`` of curve ``b`` bit for bit (see ``features.build_features_batch``
-        for the arguments); rows past ``lengths[b]`` are 0."""
+        ``inputs(...)`` of curve ``b`` bit for bit on one machine (see
+        ``features.build_features_batch`` for the arguments); rows past ``lengths[b]`` are 0."""
         x = self.scalers.transform(build_features_batch(time, mag, mag_err, reference, prev_time,
                                                         lengths))
         if lengths is not None:
@@ -131,7 +131,7 @@ class Artifact:
         """P(binary) of the newest ``n_last`` points only: x (B, T, C) -> (B, n_last).
 
         Uses the model's dependency cone (cheap per alert); equals
-        ``predict(x)[:, -n_last:]`` within 1e-5. Pass the newest
+        ``predict(x)[:, -n_last:]`` within ``training.model.PROB_TOLERANCE``. Pass the newest
         ``receptive_field + n_last - 1`` points (or all, if fewer) of each event.
         """
         x = np.asarray(x, dtype=np.float32)

@@ -4,7 +4,10 @@ Training, evaluation and the broker all call :func:`build_features` (through
 ``Artifact.inputs``, which adds the scalers) or its batch form
 :func:`build_features_batch` (through ``Artifact.inputs_batch``; the broker, many tail
 windows at once). ``build_features`` is one row of the batch form: one formula, so the
-online input for a light curve equals the offline input bit for bit.
+online input for a light curve equals the offline input bit for bit on the same machine
+(the same numpy code, elementwise and per row, so a row does not depend on the other rows
+of its batch). Across machines it may differ in the last bits: numpy picks its SIMD
+kernels for the CPU it runs on.
 
 Channels, one row per observed point ``j`` (no resampling: one step per point):
 
@@ -91,7 +94,8 @@ def build_features(time, mag, mag_err, reference: float | None = None,
 
     ``time`` in days (strictly increasing), ``mag`` and ``mag_err`` in magnitudes.
     ``reference``/``prev_time``: see the module docstring (tail windows). The arithmetic
-    is :func:`build_features_batch`'s (one row of a batch), so both agree bit for bit.
+    is :func:`build_features_batch`'s (one row of a batch), so both agree bit for bit on one
+    machine (see the module docstring).
     """
     t = np.asarray(time, dtype=np.float64)
     m = np.asarray(mag, dtype=np.float64)
@@ -109,7 +113,8 @@ def build_features_batch(time, mag, mag_err, reference=None, prev_time=None,
     """Features of B light curves (or tail windows) at once: (B, W) arrays -> (B, W, C) float32.
 
     Row ``b`` equals ``build_features(time[b, :n], mag[b, :n], mag_err[b, :n],
-    reference[b], prev_time[b])[:n]`` bit for bit, with ``n = lengths[b]`` (default W).
+    reference[b], prev_time[b])[:n]`` bit for bit on one machine, with ``n = lengths[b]``
+    (default W).
 
     ``reference``: None (every curve its own causal reference, i.e. it starts the event)
     or (B,) floats (tail windows: the events' fixed references). ``prev_time``: None (the

@@ -11,11 +11,14 @@ Input (B, T, C) float32, output logits (B, T, 2); P(binary) = softmax(...)[..., 
 Because the net is causal, right-padding a batch of ragged curves does not change the
 outputs at real points (:func:`predict_ragged` relies on that), and the output at the
 last point of a window of the newest ``receptive_field`` points equals the output of a
-run over the whole curve (in eval mode).
+run over the whole curve (in eval mode); both up to float32 rounding.
 
 :meth:`TDCNN.forward_last` (the broker's path) computes only what the newest outputs need,
-as a few GEMMs with BatchNorm folded in; an event's result does not depend on the other
-events in its batch (bit for bit), so consumers that split the work store what one would.
+as a few GEMMs with BatchNorm folded in. "The same result", for it and ``forward``, in
+any batch, on any thread count, CPU or GPU, means P(binary) within :data:`PROB_TOLERANCE`,
+not the same bits. So consumers that split the work store what one would within that
+tolerance, and decide the same except where the smoothed score lies within it of the
+threshold.
 """
 from __future__ import annotations
 
@@ -54,22 +57,25 @@ class CausalConv1d(nn.Conv1d):
         return super().forward(nn.functional.pad(x, (self.left_pad, 0)))
 
 
+# Two float32 computations of one point's P(binary) (forward or forward_last, any batch,
+# thread count, x86-64 CPU with AVX2 or GPU) differ by at most this much. They differ at
+# all because their sums (896 terms in the second convolution, 320 in the third) are taken
+# in different orders: forward's convolutions and forward_last's GEMMs are other
+# algorithms, and MKL, OpenBLAS and cuBLAS split a GEMM's inner sums into blocks chosen by
+# the number of rows, the threads and the CPU, so the same event rounds differently in
+# another batch or on another machine. float32 keeps 24 bits (u = 6e-8) and a sum of K
+# terms is off by about sqrt(K) u times the magnitudes summed: the shipped models' logits
+# come out up to 3.1e-5 from a float64 run (|logit| up to 9 on simulated light curves, 40
+# on U[0, 1] inputs), and P = sigmoid(l1 - l0) moves by at most a quarter of the error in
+# l1 - l0. Measured on a 2-core AMD EPYC (docs/BENCHMARKS.md, "Portability"): one event
+# alone vs in batches of 2-1,500 rows, 1 or 2 threads, up to 1.1e-6; forward_last vs
+# forward up to 7.5e-6; either vs float64 up to 8.7e-6; and an H100 vs the CPU up to
+# 1.5e-5 on N(0, 1) inputs (same file, GPU section). 5e-5 leaves a margin of 3 over the
+# worst; 1e-6 would not hold even for the batch alone. The stored byte round(254 P) then
+# differs by at most 1.
+PROB_TOLERANCE = 5e-5
+
 _WORKSPACE_LOCK = threading.Lock()
-_K_STEP = 512
-
-
-def _addmm(bias: torch.Tensor, a: torch.Tensor, w: torch.Tensor, out=None) -> torch.Tensor:
-    """``bias + a @ w``, summed over at most ``_K_STEP`` columns of ``a`` per GEMM call.
-
-    Keeps an event's result independent of the batch it comes in: measured with MKL on
-    2 threads, a 896-long inner dimension is split differently for 2-3, 4-3000 and
-    4000+ rows (three roundings of the same row), 512 and below (and 1 thread) never.
-    """
-    k = a.shape[1]
-    out = torch.addmm(bias, a[:, :_K_STEP], w[:_K_STEP], out=out)
-    for s in range(_K_STEP, k, _K_STEP):
-        out.addmm_(a[:, s:s + _K_STEP], w[s:s + _K_STEP])
-    return out
 
 
 class TDCNN(nn.Module):
@@ -115,7 +121,8 @@ class TDCNN(nn.Module):
         """Logits of the newest ``n_last`` points only: x (B, T, C) -> (B, n_last, n_classes).
 
         Eval mode only (BatchNorm running statistics, no dropout; no autograd graph is
-        built). Equals ``forward(x)[:, -n_last:]`` up to float rounding (tested to 1e-5).
+        built). Equals ``forward(x)[:, -n_last:]`` up to float32 rounding: P(binary)
+        within :data:`PROB_TOLERANCE`.
         Give it at least the newest ``receptive_field + n_last - 1`` points for the result
         to equal a run over the whole curve (fewer points = the curve starts there).
 
@@ -136,9 +143,10 @@ class TDCNN(nn.Module):
         positions before the window start are zeroed after their layer, exactly the
         zeros that the causal left padding puts at the input of the next layer.
 
-        An event's logits are bit-identical whatever else is in its batch (tested on 1
-        and 2 threads; see :func:`_addmm`). Intermediate buffers are kept between calls
-        (a few MB); calls from several threads take turns.
+        An event's result depends on the rest of its batch only through float32 rounding
+        (the BLAS library blocks a GEMM by its number of rows): P(binary) within
+        :data:`PROB_TOLERANCE`, not the same bits. Intermediate buffers are kept between
+        calls (a few MB); calls from several threads take turns.
         """
         if self.training:
             raise RuntimeError("forward_last is for eval mode (BatchNorm running statistics)")
@@ -150,18 +158,13 @@ class TDCNN(nn.Module):
         with torch.no_grad():
             folded = self._folded(x.device)
             x = x.to(folded[0][0].dtype)
-            b = x.shape[0]
-            if b * n_last == 1:
-                # a 1-row GEMM runs as a matrix-vector product, which rounds differently:
-                # two rows keep an event's result independent of the batch it comes in
-                x = x.expand(2, -1, -1)
             plan = self._tree_plan(t, n_last)
             if plan is None:  # a dense pass over the newest points is cheaper
                 out = self._forward_dense(x[:, max(0, t - (self.receptive_field + n_last - 1)):],
                                           n_last, folded)
             else:
                 out = self._forward_tree(x, n_last, plan, folded)
-            return out[:b]
+            return out
 
     # -- fast path internals -------------------------------------------------------------
 
@@ -301,7 +304,7 @@ class TDCNN(nn.Module):
                 for l, (w, bias) in enumerate(weights):
                     h = h.view(-1, w.shape[0])  # one row per node: its kept taps x C_in
                     y = ws[l + 1][:h.shape[0] * w.shape[1]].view(h.shape[0], w.shape[1])
-                    h = _addmm(bias, h, w, out=y).relu_()
+                    h = torch.addmm(bias, h, w, out=y).relu_()
                     if masks[l] is not None:
                         m = masks[l]
                         if m.device != h.device or m.dtype != h.dtype:
@@ -327,7 +330,8 @@ class TDCNN(nn.Module):
 
     def _forward_dense(self, x: torch.Tensor, n_last: int, folded) -> torch.Tensor:
         """Logits of the newest ``n_last`` points by a plain pass: every layer one GEMM over
-        its im2col rows (the same GEMMs, weights and rounding as the tree path), each layer
+        its im2col rows (the same weights and inner dimensions as the tree path; other row
+        counts, so the rounding may differ within :data:`PROB_TOLERANCE`), each layer
         only at the positions the newest outputs need. x (B, T, C) -> (B, n_last, classes)."""
         b, t, ch = x.shape
         c = self.config
@@ -352,7 +356,7 @@ class TDCNN(nn.Module):
                 cin, rows = h.shape[2], t - first[l]
                 patches = h.as_strided((nb, rows, k, cin), (h.shape[1] * cin, cin, d * cin, 1),
                                        h.storage_offset())
-                h = _addmm(bias, patches.reshape(nb * rows, k * cin), w).relu_()
+                h = torch.addmm(bias, patches.reshape(nb * rows, k * cin), w).relu_()
                 h, lo = h.view(nb, rows, -1), first[l]
             h = torch.addmm(b1, h.reshape(nb * n_last, -1), w1).relu_()
             torch.addmm(b2, h, w2, out=out[s0:s0 + nb].view(-1, w2.shape[1]))

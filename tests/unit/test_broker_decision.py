@@ -5,6 +5,7 @@ import pytest
 from broker.triggers import Rule, decide, decide_many, trigger_id, trigger_record
 from schemas import default_codec
 from training import decision
+from training.model import PROB_TOLERANCE
 
 
 def _online(probs, rule, chunks):
@@ -107,3 +108,63 @@ def test_trigger_at_names_the_deciding_alert_or_the_best_knowledge():
     late = trigger_at(7, rec, pts, [1, 2], rule, 0.9, 19, "v1")
     assert (late["diaSourceId"], late["alertProducedUs"], late["midpointMjdTai"]) == (99, 0, 9.0)
     assert late["triggerId"] == t["triggerId"]          # one id per (event, rule, model)
+
+
+def _new_scores(ring, n_before, new, smooth):
+    """The smoothed scores (float64) at an event's new points, from its ring and new values."""
+    k = int(min(smooth, n_before))
+    return decision.score(np.concatenate([ring[smooth - k:], new]), smooth)[k:]
+
+
+@pytest.mark.parametrize("smooth", [1, 5])
+def test_probabilities_within_the_tolerance_decide_the_same(smooth):
+    """Two consumers may compute an event's P(binary) differently, within PROB_TOLERANCE
+    (training.model). decide_many then fires at the same point, with scores within the
+    tolerance, unless a smoothed score lies within PROB_TOLERANCE of the threshold: there
+    the decision may go either way, and the constructed events below do flip, both ways."""
+    tol, thr = PROB_TOLERANCE, 0.6
+    rule = Rule("tdcnn", thr, 10, smooth)
+    rng = np.random.default_rng(10 + smooth)
+    e, near = 3000, 200
+    n_before = rng.integers(0, 40, e + near)
+    n_before[e:] = 30                                    # eligible, never young
+    rings = rng.uniform(0, 1, (e + near, smooth))
+    new = [rng.uniform(0, 1, int(rng.integers(1, 4))) for _ in range(e)]
+    triggered = rng.uniform(size=e + near) < 0.1
+    triggered[e:] = False
+    # both consumers' probabilities: within 0.9 tol of each other, at random for the first
+    # e events; the last `near` have every value at thr + c (|c| < tol / 2), and the other
+    # consumer's are shifted across the threshold (half of them up, half down)
+    c = rng.uniform(0.1, 0.5, near) * tol * np.where(np.arange(near) % 2, 1.0, -1.0)
+    rings[e:] = (thr + c)[:, None]
+    new += [np.array([thr + ci]) for ci in c]
+    delta_rings = rng.uniform(-0.9, 0.9, rings.shape) * tol
+    delta_new = [rng.uniform(-0.9, 0.9, len(p)) * tol for p in new]
+    delta_rings[e:] = -np.sign(c)[:, None] * 0.9 * tol
+    for i in range(e, e + near):
+        delta_new[i] = -np.sign(c[i - e]) * 0.9 * tol * np.ones(1)
+    def f32(a):
+        return np.clip(a, 0.0, 1.0).astype(np.float32)
+    a_rings, b_rings = f32(rings), f32(rings + delta_rings)
+    a_new, b_new = [f32(p) for p in new], [f32(p + d) for p, d in zip(new, delta_new)]
+    assert np.abs(b_rings.astype(np.float64) - a_rings).max() <= tol
+    assert max(np.abs(b.astype(np.float64) - a).max() for a, b in zip(a_new, b_new)) <= tol
+
+    da = decide_many(a_rings, n_before, a_new, triggered, rule)
+    db = decide_many(b_rings, n_before, b_new, triggered, rule)
+    flips, same_far = {True: 0, False: 0}, 0
+    for i in range(e + near):
+        sa = _new_scores(a_rings[i], n_before[i], a_new[i], smooth)
+        sb = _new_scores(b_rings[i], n_before[i], b_new[i], smooth)
+        assert np.abs(sa - sb).max() <= tol            # a mean of values within tol
+        eligible = n_before[i] + np.arange(1, len(sa) + 1) >= rule.min_points
+        if not (eligible & (np.abs(sa - thr) <= tol)).any() or triggered[i]:
+            assert da[i].fire == db[i].fire, i
+            if da[i].fire is not None:
+                assert abs(da[i].score - db[i].score) <= tol
+            same_far += 1
+        elif i >= e:
+            # within the tolerance of the threshold: this pair decides differently
+            assert (da[i].fire is None) != (db[i].fire is None), i
+            flips[da[i].fire is None] += 1
+    assert same_far >= e - 5 and flips == {True: near // 2, False: near // 2}

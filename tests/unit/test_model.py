@@ -3,9 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from training.model import TDCNN, TDCNNConfig, predict_ragged
+from training.model import PROB_TOLERANCE, TDCNN, TDCNNConfig, predict_ragged
 
 torch.set_num_threads(1)
+
+# P(binary) = sigmoid(l1 - l0) moves by at most a quarter of the change in l1 - l0, i.e.
+# half the largest change of a logit: logits within twice the tolerance keep P within it.
+LOGIT_TOLERANCE = 2 * PROB_TOLERANCE
 
 
 def _model(seed=0, **kw):
@@ -88,7 +92,7 @@ def _bn_model(seed=0, **kw):
     return m
 
 
-def _check_all(m, lengths, n_max=8, batch=3, seed=0, atol=1e-5, rtol=0.0, lo=-0.5, hi=1.5):
+def _check_all(m, lengths, n_max=8, batch=3, seed=0, atol=1e-5, lo=-0.5, hi=1.5):
     g = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
         for t in lengths:
@@ -97,10 +101,10 @@ def _check_all(m, lengths, n_max=8, batch=3, seed=0, atol=1e-5, rtol=0.0, lo=-0.
             for n in range(1, min(t, n_max) + 1):
                 got = m.forward_last(x, n)
                 assert got.shape == (batch, n, m.config.n_classes)
-                torch.testing.assert_close(got, full[:, -n:], atol=atol, rtol=rtol,
+                torch.testing.assert_close(got, full[:, -n:], atol=atol, rtol=0,
                                            msg=lambda s: f"T={t} n_last={n}: {s}")
                 p, q = torch.softmax(got, -1)[..., 1], torch.softmax(full[:, -n:], -1)[..., 1]
-                torch.testing.assert_close(p, q, atol=1e-5, rtol=0,
+                torch.testing.assert_close(p, q, atol=PROB_TOLERANCE, rtol=0,
                                            msg=lambda s: f"P(binary), T={t} n_last={n}: {s}")
 
 
@@ -139,12 +143,14 @@ def test_forward_last_shipped_model(name):
     if not (d / "weights.pt").is_file():
         pytest.skip("shipped model not present")
     m = load_artifact(d).model
-    # Its logits reach |40| on scaled inputs in [0, 1]: float32 rounding alone is ~1e-5 there
-    # (forward itself is 1e-5 from a float64 run, and so was the previous gather/einsum
-    # forward_last from forward), hence a relative term on the logits; P(binary), what the
-    # broker uses, is held to 1e-5 absolute.
-    _check_all(m, list(range(1, 300, 7)) + [96, 97, 98, 99, 104, 300], batch=4, rtol=2e-6,
-               lo=0.0, hi=1.0)
+    # Its logits reach |40| on inputs in [0, 1], and forward and forward_last each come out
+    # up to ~3e-5 from a float64 run (the random BatchNorm models: 1e-7). That rounding
+    # follows the magnitudes summed inside the net, not the logit: measured, the difference
+    # is ~2e-5 at |logit| < 2 as at |logit| > 20 (AMD EPYC, docs/BENCHMARKS.md,
+    # "Portability"). So the logits are held to an absolute bound, LOGIT_TOLERANCE, and
+    # P(binary), what the broker uses, to PROB_TOLERANCE.
+    _check_all(m, list(range(1, 300, 7)) + [96, 97, 98, 99, 104, 300], batch=4,
+               atol=LOGIT_TOLERANCE, lo=0.0, hi=1.0)
 
 
 def test_forward_last_follows_weight_changes_and_modes():
@@ -184,20 +190,71 @@ def test_forward_last_float64_and_noncontiguous_input():
         torch.testing.assert_close(m.forward_last(x, 4), m(x)[:, -4:], atol=1e-10, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def scored_windows():
+    """``windows(name, t, n, rng)``: n model inputs of t points. "bn": U[0, 1]; a shipped
+    model's name: windows cut at random ends from simulated light curves (PSPL and binary)
+    through that artifact's features and scalers, i.e. what the broker feeds it."""
+    from pathlib import Path
+
+    from training.artifact import load_artifact
+    from training.simulate import SimulationConfig, simulate
+
+    curves, models = {}, {"bn": _bn_model(7)}
+    for name, priors in (("tdcnn-baseline", "set"), ("tdcnn-wide", "wide")):
+        d = Path(__file__).resolve().parents[2] / "models" / name
+        if (d / "weights.pt").is_file():
+            art = load_artifact(d)
+            ds = simulate(6, 6, SimulationConfig(seed=11, shared_priors=priors), workers=0)
+            curves[name] = [torch.from_numpy(art.inputs(*ds.event(i))) for i in range(ds.n_events)]
+            models[name] = art.model
+
+    def windows(name, t, n, rng):
+        if name == "bn":
+            return torch.from_numpy(rng.random((n, t, 3), dtype=np.float32))
+        out = []
+        for i in rng.integers(0, len(curves[name]), n):
+            c = curves[name][i]
+            end = int(rng.integers(t, len(c) + 1))
+            out.append(c[end - t:end])
+        return torch.stack(out)
+    return models, windows
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-def test_forward_last_does_not_depend_on_the_batch(threads):
-    """An event's logits are bit-identical whatever else is in its batch (two consumers that
-    split the partitions must store the same probabilities as one)."""
-    m = _bn_model(7)
-    g = torch.Generator().manual_seed(7)
+@pytest.mark.parametrize("name", ["bn", "tdcnn-baseline", "tdcnn-wide"])
+def test_forward_last_batch_and_threads_within_tolerance(scored_windows, name, threads):
+    """Two consumers that split the partitions score an event in other batches (other sizes,
+    other neighbours) and maybe on other thread counts: its P(binary) stays within
+    PROB_TOLERANCE of the event scored alone on one thread, its logits within
+    LOGIT_TOLERANCE. Not the same bits: BLAS blocks a GEMM by its number of rows, its
+    threads and the CPU (on an AMD EPYC a row differs from itself in a batch of 1,500)."""
+    models, windows = scored_windows
+    if name not in models:
+        pytest.skip("shipped model not present")
+    m = models[name]
+    rng = np.random.default_rng(7)
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    rows = list(range(10)) + list(range(15, 1500, 15)) + [1499]  # the events compared
     try:
         with torch.inference_mode():
             for t, n in ((97, 1), (98, 2), (60, 1), (12, 3), (40, 10), (130, 30), (1, 1)):
-                x = torch.rand(1500, t, 3, generator=g)
-                full = m.forward_last(x, n)
-                for s, e in ((0, 1), (0, 2), (0, 7), (3, 40), (100, 333), (1499, 1500), (17, 1017)):
-                    assert torch.equal(m.forward_last(x[s:e], n), full[s:e]), (t, n, s, e)
+                x = windows(name, t, 1500, rng)
+                torch.set_num_threads(1)
+                alone = {i: m.forward_last(x[i:i + 1], n)[0] for i in rows}
+                torch.set_num_threads(threads)
+                for s, e in ((0, 2), (0, 3), (0, 7), (3, 40), (0, 64), (100, 433), (1490, 1500),
+                             (0, 1500)):
+                    got = m.forward_last(x[s:e], n)
+                    idx = [i for i in rows if s <= i < e]
+                    a = torch.stack([alone[i] for i in idx])
+                    b = got[[i - s for i in idx]]
+                    where = f"{name} T={t} n_last={n} batch {s}:{e}, {threads} threads"
+                    torch.testing.assert_close(b, a, atol=LOGIT_TOLERANCE, rtol=0,
+                                               msg=lambda m_: f"logits, {where}: {m_}")
+                    torch.testing.assert_close(torch.softmax(b, -1)[..., 1],
+                                               torch.softmax(a, -1)[..., 1],
+                                               atol=PROB_TOLERANCE, rtol=0,
+                                               msg=lambda m_: f"P(binary), {where}: {m_}")
     finally:
         torch.set_num_threads(before)
