@@ -328,3 +328,15 @@ def test_no_secret_in_repository_files():
                     hits.append(f"{name}:{n}: {line.strip()[:120]}")
     assert not hits, hits
     assert (REPO / "config" / "default.yaml").read_text().count("password") >= 1  # documented as env-only
+
+
+def test_torch_floor_excludes_the_weights_only_escapes():
+    """torch.load(weights_only=True) is how artifacts are read (training/artifact.py):
+    CVE-2025-32434 (fixed in 2.6.0) and CVE-2026-24747 (fixed in 2.10.0) break it."""
+    import tomllib
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = next(d for d in deps if re.match(r"torch\b", d))
+    floor = re.search(r">=\s*([\d.]+)", spec).group(1)
+    assert tuple(int(x) for x in floor.split(".")) >= (2, 10), spec
+    installed = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+    assert installed >= (2, 10), torch.__version__
