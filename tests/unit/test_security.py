@@ -330,6 +330,17 @@ def test_no_secret_in_repository_files():
     assert (REPO / "config" / "default.yaml").read_text().count("password") >= 1  # documented as env-only
 
 
+def test_metrics_listener_binds_loopback_unless_told():
+    from broker.metrics import Metrics
+    server, _ = Metrics().serve(0)                 # port 0: any free one
+    try:
+        assert server.socket.getsockname()[0] == "127.0.0.1"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert cfg.load(env={}).consumer.metrics_host == "127.0.0.1"
+
+
 def test_torch_floor_excludes_the_weights_only_escapes():
     """torch.load(weights_only=True) is how artifacts are read (training/artifact.py):
     CVE-2025-32434 (fixed in 2.6.0) and CVE-2026-24747 (fixed in 2.10.0) break it."""
