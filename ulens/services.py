@@ -241,12 +241,40 @@ def _start_kafka(s: cfg.ServicesSettings, p: Paths) -> tuple[int, bool]:
 
 # --- Redis ---------------------------------------------------------------------------
 
-def _redis_answers(port: int) -> bool:
+def _redis(port: int, timeout: float = 1.0):
+    """A client of the local server that does not retry: a probe says whether it answers
+    now (redis-py's default retries a refused connection with backoff for ~10 s)."""
     import redis
+    return redis.Redis(host=HOST, port=port, socket_timeout=timeout, socket_connect_timeout=timeout,
+                       retry=None)
+
+
+def _redis_answers(port: int) -> bool:
     try:
-        return bool(redis.Redis(host=HOST, port=port, socket_timeout=1).ping())
+        return bool(_redis(port).ping())
     except Exception:
         return False
+
+
+# Redis 7's multi-part AOF: the manifest names the files; without it there is no AOF.
+AOF_MANIFEST = "appendonlydir/appendonly.aof.manifest"
+
+
+def _redis_conf(s: cfg.ServicesSettings, rdir: Path) -> str:
+    """redis.conf of the local server. Persistence follows ``services.redis_appendfsync``
+    (README, "Durability"): AOF with that fsync policy, or ``off`` = RDB snapshots only."""
+    aof = s.redis_appendfsync != "off"
+    lines = [f"bind {HOST}", f"port {s.redis_port}", "protected-mode yes", f"dir {rdir}",
+             # snapshots in every mode: the only persistence with `off` (a change is saved
+             # within 300 s, within 60 s under load), backups otherwise
+             "daemonize no", "save 300 1 60 1000", "dbfilename dump.rdb",
+             f"appendonly {'yes' if aof else 'no'}"]
+    if aof:
+        # no-appendfsync-on-rewrite no: `always` keeps fsyncing while a rewrite or a
+        # snapshot runs (yes would make it `no` for that time)
+        lines += [f"appendfsync {s.redis_appendfsync}", "aof-use-rdb-preamble yes",
+                  "no-appendfsync-on-rewrite no"]
+    return "\n".join(lines + ["maxmemory-policy noeviction", ""])
 
 
 def _start_redis(s: cfg.ServicesSettings, p: Paths) -> tuple[int, bool]:
@@ -260,13 +288,73 @@ def _start_redis(s: cfg.ServicesSettings, p: Paths) -> tuple[int, bool]:
     rdir = p.redis_dir()
     rdir.mkdir(parents=True, exist_ok=True)
     conf = rdir / "redis.conf"
-    conf.write_text("\n".join([
-        f"bind {HOST}", f"port {s.redis_port}", "protected-mode yes", f"dir {rdir}",
-        "daemonize no", "save 60 1000", "appendonly no", "dbfilename dump.rdb",
-        "maxmemory-policy noeviction", "",
-    ]))
+    conf.write_text(_redis_conf(s, rdir))
+    # Redis loads only the file of the mode it starts in (the AOF with appendonly yes,
+    # dump.rdb with no): started in AOF mode over a data dir that has only dump.rdb it
+    # comes up empty, and overwrites dump.rdb at its next snapshot (Redis 7.0; a test in
+    # tests/integration/test_services_lifecycle.py). So after a
+    # change of mode it starts once in the mode its data is in, and _apply_persistence
+    # switches it at runtime (CONFIG SET appendonly), which carries the data over.
+    want_aof = s.redis_appendfsync != "off"
+    has_aof = (rdir / AOF_MANIFEST).exists()
+    if want_aof and not has_aof and (rdir / "dump.rdb").exists():
+        old_mode = ["--appendonly", "no"]
+    elif not want_aof and has_aof:
+        old_mode = ["--appendonly", "yes"]
+    else:
+        old_mode = []
     log = p.logs() / "redis.log"
-    return _spawn([exe, str(conf)], log, p.pid("redis"), rdir), True
+    return _spawn([exe, str(conf), *old_mode], log, p.pid("redis"), rdir), True
+
+
+def _redis_persistence(port: int) -> str | None:
+    """What the server at ``port`` runs with: "aof <appendfsync>", "rdb" (snapshots only),
+    or None when it does not answer."""
+    try:
+        got = _redis(port, timeout=2).config_get("append*")
+    except Exception:
+        return None
+    return f"aof {got['appendfsync']}" if got.get("appendonly") == "yes" else "rdb"
+
+
+def _apply_persistence(s: cfg.ServicesSettings, p: Paths) -> None:
+    """Bring the running redis-server to ``services.redis_appendfsync`` at runtime, data
+    kept: a server started before in the other mode (an older `up`, or the setting
+    changed) is switched with CONFIG SET, and this returns once the switch is on disk."""
+    import redis
+    r = _redis(s.redis_port, timeout=60)
+    want_aof = s.redis_appendfsync != "off"
+    if want_aof:
+        r.config_set("appendfsync", s.redis_appendfsync)
+    if (r.config_get("appendonly")["appendonly"] == "yes") == want_aof:
+        return
+    deadline = time.monotonic() + s.start_timeout_s
+    if want_aof:
+        # Redis writes a new AOF from memory in the background and appends to it from now on
+        before = int(r.info("persistence")["aof_rewrites"])
+        r.config_set("appendonly", "yes")
+        while True:
+            info = r.info("persistence")
+            if (int(info["aof_rewrites"]) > before and not info["aof_rewrite_in_progress"]
+                    and not info["aof_rewrite_scheduled"]):
+                if info["aof_last_bgrewrite_status"] != "ok" or not (p.redis_dir() / AOF_MANIFEST).exists():
+                    raise ServiceError(f"redis-server could not switch to AOF; see {p.logs() / 'redis.log'}")
+                return
+            if time.monotonic() > deadline:
+                raise ServiceError(f"redis-server did not finish writing its AOF within "
+                                   f"{s.start_timeout_s:.0f} s; see {p.logs() / 'redis.log'}")
+            time.sleep(0.1)
+    r.config_set("appendonly", "no")
+    while True:   # a snapshot of everything, now that the AOF is no longer written
+        try:
+            r.save()
+            break
+        except redis.ResponseError as exc:   # an automatic snapshot is running: wait for it
+            if "in progress" not in str(exc) or time.monotonic() > deadline:
+                raise ServiceError(f"redis-server could not save its snapshot: {exc}") from None
+            time.sleep(0.2)
+    # the AOF is stale from now on: a later switch back to AOF must start from dump.rdb
+    shutil.rmtree(p.redis_dir() / "appendonlydir", ignore_errors=True)
 
 
 # --- public API ----------------------------------------------------------------------
@@ -302,6 +390,7 @@ def up(settings: cfg.Settings, quiet: bool = False) -> dict:
     redis_url = f"redis://{HOST}:{s.redis_port}/0"
     _wait(lambda: _redis_answers(s.redis_port), s.start_timeout_s, "redis-server", rpid,
           "redis-server", p.logs() / "redis.log")
+    _apply_persistence(s, p)
     _wait(lambda: _port_open(s.kafka_port) and _kafka_answers(bootstrap), s.start_timeout_s, "Kafka", kpid, "kafka.Kafka",
           p.logs() / "kafka.log")
     endpoints = {"kafka_bootstrap": bootstrap, "redis_url": redis_url,
@@ -361,13 +450,15 @@ def status(settings: cfg.Settings) -> dict:
     p = _paths(s)
     kpid, rpid = _read_pid(p.pid("kafka")), _read_pid(p.pid("redis"))
     bootstrap = f"{HOST}:{s.kafka_port}"
+    redis_up = _redis_answers(s.redis_port)
     return {
         "kafka": {"running": _alive(kpid, "kafka.Kafka"), "pid": kpid, "address": bootstrap,
                   "answering": _port_open(s.kafka_port) and _kafka_answers(bootstrap),
                   "log": str(p.logs() / "kafka.log"), "data": str(p.kafka_dir() / "data")},
         "redis": {"running": _alive(rpid, "redis-server"), "pid": rpid,
                   "address": f"redis://{HOST}:{s.redis_port}/0",
-                  "answering": _redis_answers(s.redis_port),
+                  "answering": redis_up,
+                  "persistence": _redis_persistence(s.redis_port) if redis_up else None,
                   "log": str(p.logs() / "redis.log"), "data": str(p.redis_dir())},
         "config_uses": {"kafka": settings.kafka.bootstrap_servers, "redis": settings.redis.url},
     }
@@ -402,7 +493,8 @@ def run(args: argparse.Namespace) -> int:
                 x = st[name]
                 state = "running" if x["running"] else "stopped"
                 ans = "answering" if x["answering"] else "not answering"
-                print(f"{name:<6} {state:<8} pid {x['pid'] or '-':<8} {x['address']:<26} {ans}\n"
+                persistence = f", persistence {x['persistence']}" if x.get("persistence") else ""
+                print(f"{name:<6} {state:<8} pid {x['pid'] or '-':<8} {x['address']:<26} {ans}{persistence}\n"
                       f"       log  {x['log']}\n       data {x['data']}")
             print(f"config uses kafka {st['config_uses']['kafka']}, redis {st['config_uses']['redis']}")
         return 0 if st["kafka"]["answering"] and st["redis"]["answering"] else 1

@@ -1,0 +1,47 @@
+"""What `ulens services up` and docker-compose.yml configure Redis with (README, "Durability").
+
+The behaviour itself (AOF on, a kill -9 loses nothing, a change of setting keeps the data)
+is tested against real redis-servers in tests/integration/test_services_lifecycle.py and
+tests/faults/test_service_faults.py."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+import config as cfg
+from ulens import services as svc
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def conf_lines(appendfsync=None) -> list[str]:
+    s = cfg.load(env={}).services
+    if appendfsync is not None:
+        s = cfg.load(env={}).replace(services={"redis_appendfsync": appendfsync}).services
+    return svc._redis_conf(s, Path("/data")).splitlines()
+
+
+def test_shipped_redis_is_durable():
+    lines = conf_lines()
+    assert cfg.load(env={}).services.redis_appendfsync == "everysec"
+    assert {"appendonly yes", "appendfsync everysec", "aof-use-rdb-preamble yes",
+            "no-appendfsync-on-rewrite no", "maxmemory-policy noeviction"} <= set(lines)
+
+
+@pytest.mark.parametrize("setting, want, absent", [
+    ("always", {"appendonly yes", "appendfsync always"}, set()),
+    ("off", {"appendonly no"}, {"appendfsync everysec", "aof-use-rdb-preamble yes"}),
+])
+def test_each_setting(setting, want, absent):
+    lines = set(conf_lines(setting))
+    assert want <= lines and not absent & lines
+    assert "save 300 1 60 1000" in lines       # snapshots in every mode
+
+
+def test_docker_compose_redis_is_durable():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    cmd = compose["services"]["redis"]["command"]
+    opts = dict(zip(cmd[1::2], cmd[2::2]))
+    assert cmd[0] == "redis-server"
+    assert opts["--appendonly"] == "yes" and opts["--appendfsync"] == "everysec"
+    assert opts["--maxmemory-policy"] == "noeviction"
