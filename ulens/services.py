@@ -460,7 +460,9 @@ def status(settings: cfg.Settings) -> dict:
                   "answering": redis_up,
                   "persistence": _redis_persistence(s.redis_port) if redis_up else None,
                   "log": str(p.logs() / "redis.log"), "data": str(p.redis_dir())},
-        "config_uses": {"kafka": settings.kafka.bootstrap_servers, "redis": settings.redis.url},
+        # the addresses may come from the environment with a password in them
+        "config_uses": {"kafka": cfg.mask_url(settings.kafka.bootstrap_servers),
+                        "redis": cfg.mask_url(settings.redis.url)},
     }
 
 
