@@ -27,6 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
+    exit_code = 3      # `ulens`: bad input or configuration (ulens/cli.py, EXIT_CODES)
 
 
 # The user info of a URL (user and password, or a lone token, before the netloc's last "@"

@@ -38,6 +38,7 @@ SECONDS_PER_DAY = 86_400.0
 
 class KafkaUnavailable(ReplayError):
     """Kafka did not answer, or refused to create a topic."""
+    exit_code = 4      # `ulens`: services unavailable (ulens/cli.py, EXIT_CODES)
 
 
 # ---------------------------------------------------------------------------- pacing (pure)

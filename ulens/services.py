@@ -28,6 +28,7 @@ HOST = "127.0.0.1"
 
 class ServiceError(OSError):
     """A local service cannot be fetched, started or stopped; the message says why."""
+    exit_code = 4      # `ulens`: services unavailable (ulens/cli.py, EXIT_CODES)
 
 
 class PortInUse(ServiceError):
@@ -499,6 +500,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{name:<6} {state:<8} pid {x['pid'] or '-':<8} {x['address']:<26} {ans}{persistence}\n"
                       f"       log  {x['log']}\n       data {x['data']}")
             print(f"config uses kafka {st['config_uses']['kafka']}, redis {st['config_uses']['redis']}")
-        return 0 if st["kafka"]["answering"] and st["redis"]["answering"] else 1
+        # one not answering: services unavailable
+        return 0 if st["kafka"]["answering"] and st["redis"]["answering"] else ServiceError.exit_code
     return 0
 
