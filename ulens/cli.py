@@ -3,12 +3,14 @@
 Each command module exposes ``HELP`` (its description), ``add_arguments(parser)`` and
 ``run(args) -> int``. Only the chosen module is imported, so `ulens --help` and
 light commands stay fast (torch is imported only by the commands that need it).
-Every command exits with a status of the one table ``EXIT_CODES`` (README, "Exit status").
+Every command takes ``--config FILE`` (after any action too) and exits with a status of
+the one table ``EXIT_CODES`` (README, "Exit status").
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 # Exceptions raised by these packages print without a traceback (see exit_code_for).
@@ -60,8 +62,50 @@ def _top_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="ulens-broker: real-time triggers for binary microlensing events.",
         epilog="commands:\n" + "\n".join(lines) + "\n\nRun `ulens COMMAND --help` for a command's "
-               "options.\n\n" + _exit_codes_text(),
+               "options; every command takes --config FILE, after any action.\n\n" + _exit_codes_text(),
     )
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's default once: "(default: X)" is added only when the help does not
+    already say what the default is and there is one worth saying (not None, not a flag's
+    False, not a suppressed value)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        d = action.default
+        if (re.search(r"\bdefault", help_, re.I) or d is None or d is argparse.SUPPRESS
+                or (d is False and action.nargs == 0)
+                or not (action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE))):
+            return help_
+        return help_ + " (default: %(default)s)"
+
+
+CONFIG_HELP = "YAML file merged over config/default.yaml (or env ULENS_CONFIG)"
+
+
+def _nested_parsers(parser: argparse.ArgumentParser):
+    """The parsers of ``parser``'s sub-actions (``ulens events show``...), recursively."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield sub
+                yield from _nested_parsers(sub)
+
+
+def build_parser(name: str, module) -> argparse.ArgumentParser:
+    """The parser of `ulens NAME`: the module's arguments plus --config, which is also
+    accepted after each nested action (`ulens events show 1 --config F`)."""
+    parser = argparse.ArgumentParser(prog=f"ulens {name}", description=module.HELP,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--config", metavar="FILE", default=None, help=CONFIG_HELP)
+    module.add_arguments(parser)
+    for sub in _nested_parsers(parser):
+        sub.formatter_class = HelpFormatter
+        # SUPPRESS: a nested parser that was not given --config must not reset the value
+        # given before the action (argparse copies a subparser's defaults over the parent's)
+        sub.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    return parser
 
 
 def exit_code_for(exc: BaseException) -> int | None:
@@ -97,12 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ulens: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return EXIT_USAGE
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"ulens {name}", description=module.HELP,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", metavar="FILE", default=None,
-                        help="YAML file merged over config/default.yaml (or env ULENS_CONFIG)")
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)     # a usage error exits 2 (argparse)
+    args = build_parser(name, module).parse_args(rest)     # a usage error exits 2 (argparse)
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:

@@ -1,4 +1,6 @@
 """The `ulens` dispatcher: exit codes, --config after any action, help texts."""
+import argparse
+import importlib
 import json
 import os
 import re
@@ -73,7 +75,7 @@ def test_usage_error_exits_2():
 def test_bad_config_file_exits_3(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("services:\n  redis_port: 70000\n")
-    out = ulens("events", "--config", str(bad), "list")
+    out = ulens("events", "list", "--config", str(bad))
     assert out.returncode == cli.EXIT_BAD_INPUT == 3, out.stderr
     assert "services.redis_port = 70000 is out of range" in out.stderr and str(bad) in out.stderr
     assert "Traceback" not in out.stderr
@@ -165,11 +167,75 @@ def test_services_status_exits_4_and_masks_credentials(tmp_path):
                     f"  kafka_controller_port: {cport}\n  redis_port: {rport}\n")
     env = {"ULENS_REDIS_URL": "redis://ops:hunter2@redis.example.org:6380/0",
            "ULENS_KAFKA_BOOTSTRAP": "SASL_SSL://svc:kpass@kafka.example.org:9093"}
-    text = ulens("services", "--config", str(conf), "status", env=env)
-    js = ulens("services", "--config", str(conf), "status", "--json", env=env)
+    text = ulens("services", "status", "--config", str(conf), env=env)
+    js = ulens("services", "status", "--json", "--config", str(conf), env=env)
     for out in (text, js):
         assert out.returncode == cli.EXIT_UNAVAILABLE, out.stderr
         assert "hunter2" not in out.stdout + out.stderr and "kpass" not in out.stdout + out.stderr
     assert "redis://ops:***@redis.example.org:6380/0" in text.stdout
     assert json.loads(js.stdout)["config_uses"] == {"kafka": "SASL_SSL://svc:***@kafka.example.org:9093",
                                                     "redis": "redis://ops:***@redis.example.org:6380/0"}
+
+
+# --- --config after any action --------------------------------------------------------------
+def _nested_actions():
+    for name, (mod, _) in cli.COMMANDS.items():
+        parser = cli.build_parser(name, importlib.import_module(mod))
+        for sub in cli._nested_parsers(parser):
+            yield name, parser, sub
+
+
+def test_config_is_accepted_after_every_nested_action(tmp_path):
+    f = str(tmp_path / "f.yaml")
+    found = set()
+    for name, parser, sub in _nested_actions():
+        words = sub.prog.split()[2:]                 # "ulens events show" -> ["show"]
+        args = {"show": ["1"]}.get(words[-1], [])
+        found.add(" ".join([name, *words]))
+        assert parser.parse_args([*words, *args, "--config", f]).config == f, sub.prog
+        assert parser.parse_args(["--config", f, *words, *args]).config == f, sub.prog   # not reset
+        assert parser.parse_args([*words, *args]).config is None
+    assert {"events show", "events list", "services status", "services up"} <= found
+
+
+def test_events_show_takes_config_after_the_id(tmp_path, capsys):
+    (port,) = free_ports(1)
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"redis:\n  url: redis://127.0.0.1:{port}/0\n")
+    # the file's Redis (nothing listens there) is used: --config after the id is not refused
+    assert cli.main(["events", "show", "1", "--config", str(conf)]) == cli.EXIT_UNAVAILABLE
+    assert f"127.0.0.1:{port}" in capsys.readouterr().err
+
+
+# --- --help: every option explained, each default once ------------------------------------------
+def _all_parsers():
+    for name, (mod, _) in cli.COMMANDS.items():
+        parser = cli.build_parser(name, importlib.import_module(mod))
+        yield parser
+        yield from cli._nested_parsers(parser)
+
+
+def test_help_states_each_default_once_and_explains_every_option():
+    for parser in _all_parsers():
+        text = parser.format_help()
+        for block in re.split(r"\n(?=  -)", text.split("options:", 1)[-1]):
+            assert block.count("(default") <= 1, (parser.prog, block)
+            assert "(default: None)" not in block, (parser.prog, block)
+        for a in parser._actions:
+            if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
+                assert a.help, f"{parser.prog} {'/'.join(a.option_strings) or a.dest}: no help text"
+
+
+def test_help_formatter_adds_a_meaningful_default_only():
+    p = argparse.ArgumentParser(formatter_class=cli.HelpFormatter)
+    p.add_argument("--n", type=int, default=5, help="how many")
+    p.add_argument("--group", default=None, help="the group (default: consumer.group)")
+    p.add_argument("--dir", default="x", help="where [default <cache>/x]")
+    p.add_argument("--flag", action="store_true", help="a switch")
+    p.add_argument("--opt", default=None, help="optional")
+    text = " ".join(p.format_help().split())
+    assert "how many (default: 5)" in text
+    assert "the group (default: consumer.group) --dir" in text
+    assert "where [default <cache>/x] --flag" in text
+    assert "a switch --opt" in text and "optional" in text and "(default: None)" not in text
+    assert "(default: False)" not in text
