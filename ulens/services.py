@@ -160,6 +160,16 @@ def _spawn(cmd: list[str], log: Path, pid_file: Path, cwd: Path) -> int:
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=cwd, start_new_session=True)
+    # Popen returns while the kernel is still inside exec, when /proc/PID/cmdline can read
+    # empty: _alive (which _wait asks) would take the new process for dead.
+    deadline = time.monotonic() + 5
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+                break
+        except OSError:
+            break
+        time.sleep(0.005)
     pid_file.write_text(str(proc.pid))
     return proc.pid
 

@@ -45,3 +45,19 @@ def test_docker_compose_redis_is_durable():
     assert cmd[0] == "redis-server"
     assert opts["--appendonly"] == "yes" and opts["--appendfsync"] == "everysec"
     assert opts["--maxmemory-policy"] == "noeviction"
+
+
+def test_a_spawned_service_is_alive_at_once(tmp_path):
+    """`up` waits for a service by asking whether its pid still runs it (_alive); right after
+    Popen, /proc/PID/cmdline can still read empty (the kernel inside exec: 11 of 20 here)."""
+    import os
+    import signal
+    pids = []
+    try:
+        for i in range(20):
+            pids.append(svc._spawn(["sleep", "30"], tmp_path / "log", tmp_path / f"{i}.pid", tmp_path))
+            assert svc._alive(pids[-1], "sleep"), i
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
