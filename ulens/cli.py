@@ -12,6 +12,7 @@ import argparse
 import importlib
 import re
 import sys
+import textwrap
 
 # Exceptions raised by these packages print without a traceback (see exit_code_for).
 OWN_PACKAGES = {"ulens", "config", "schemas", "training", "replay", "broker"}
@@ -50,7 +51,9 @@ EXIT_CODES: dict[int, str] = {
 
 
 def _exit_codes_text() -> str:
-    return "exit status:\n" + "\n".join(f"  {code:<4} {what}" for code, what in EXIT_CODES.items())
+    return "exit status:\n" + "\n".join(
+        textwrap.fill(what, 88, initial_indent=f"  {code:<4} ", subsequent_indent=" " * 7)
+        for code, what in EXIT_CODES.items())
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -62,7 +65,7 @@ def _top_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="ulens-broker: real-time triggers for binary microlensing events.",
         epilog="commands:\n" + "\n".join(lines) + "\n\nRun `ulens COMMAND --help` for a command's "
-               "options; every command takes --config FILE, after any action.\n\n" + _exit_codes_text(),
+               "options; every command takes\n--config FILE, also after its action.\n\n" + _exit_codes_text(),
     )
 
 

@@ -63,6 +63,9 @@ def test_exit_code_table_is_the_documented_one(capsys):
     out = capsys.readouterr().out
     for code, what in cli.EXIT_CODES.items():
         assert re.search(rf"^  {code} +{re.escape(what[:30])}", out, re.M), (code, out)
+    readme = (REPO / "README.md").read_text()
+    for code in cli.EXIT_CODES:
+        assert re.search(rf"^\| `{code}` \|", readme, re.M), f"README: no row for exit code {code}"
 
 
 def test_usage_error_exits_2():
