@@ -123,13 +123,13 @@ def exit_code_for(exc: BaseException) -> int | None:
         if isinstance(code, int):
             return code
         return EXIT_BAD_INPUT if isinstance(exc, (ValueError, OSError)) else None
-    if package in ("redis", "confluent_kafka"):   # imported already, since it raised
+    # a client error of a library that is not imported cannot have been raised
+    redis, kafka = sys.modules.get("redis"), sys.modules.get("confluent_kafka")
+    if redis is not None and isinstance(exc, (redis.AuthenticationError, redis.exceptions.NoPermissionError)):
+        return EXIT_BAD_INPUT
+    if (redis is not None and isinstance(exc, redis.RedisError)) or \
+            (kafka is not None and isinstance(exc, kafka.KafkaException)):
         from broker.retry import transient_cause
-
-        if package == "redis":
-            import redis
-            if isinstance(exc, (redis.AuthenticationError, redis.exceptions.NoPermissionError)):
-                return EXIT_BAD_INPUT
         return EXIT_UNAVAILABLE if transient_cause(exc) is not None else None
     return None
 

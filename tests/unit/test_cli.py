@@ -155,6 +155,18 @@ def test_interrupt_and_bug_as_the_shell_sees_them(exc, code, says):
     assert out.returncode == code and says in out.stderr, out.stderr
 
 
+def test_client_errors_of_kafka_and_redis():
+    import redis
+    from confluent_kafka import KafkaError, KafkaException
+    assert cli.exit_code_for(KafkaException(KafkaError(KafkaError._TRANSPORT))) == 4
+    assert cli.exit_code_for(KafkaException(KafkaError(KafkaError._ALL_BROKERS_DOWN))) == 4
+    assert cli.exit_code_for(KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))) is None
+    assert cli.exit_code_for(redis.ConnectionError("Error 111 connecting")) == 4
+    assert cli.exit_code_for(redis.TimeoutError("Timeout reading")) == 4
+    assert cli.exit_code_for(redis.AuthenticationError("invalid password")) == 3
+    assert cli.exit_code_for(redis.ResponseError("ERR unknown command")) is None
+
+
 def test_project_error_classes_carry_their_code():
     import config
     from replay.producer import KafkaUnavailable
