@@ -302,10 +302,10 @@ def _start_redis(s: cfg.ServicesSettings, p: Paths) -> tuple[int, bool]:
     conf.write_text(_redis_conf(s, rdir))
     # Redis loads only the file of the mode it starts in (the AOF with appendonly yes,
     # dump.rdb with no): started in AOF mode over a data dir that has only dump.rdb it
-    # comes up empty, and overwrites dump.rdb at its next snapshot (Redis 7.0; a test in
-    # tests/integration/test_services_lifecycle.py). So after a
-    # change of mode it starts once in the mode its data is in, and _apply_persistence
-    # switches it at runtime (CONFIG SET appendonly), which carries the data over.
+    # comes up empty, and overwrites dump.rdb at its next snapshot (Redis 7.0; see
+    # tests/integration/test_services_lifecycle.py). So after a change of mode it starts
+    # once in the mode its data is in, and _apply_persistence switches it at runtime
+    # (CONFIG SET appendonly), which carries the data over.
     want_aof = s.redis_appendfsync != "off"
     has_aof = (rdir / AOF_MANIFEST).exists()
     if want_aof and not has_aof and (rdir / "dump.rdb").exists():
