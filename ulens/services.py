@@ -148,8 +148,16 @@ def _alive(pid: int | None, marker: str) -> bool:
     return marker in cmdline
 
 
-def _check_port_free(port: int, what: str) -> None:
-    if _port_open(port):
+def _check_port_free(port: int, what: str, last_pid: int | None = None) -> None:
+    """PortInUse when something answers on ``port``. ``last_pid``: the process ulens ran
+    there before, found not running: killed a moment ago, its other threads may still hold
+    the port after its main thread shows as a zombie (20 of 30 redis-servers killed with
+    SIGKILL still accepted connections then), so while it is in /proc this waits a little."""
+    deadline = time.monotonic() + 5
+    while _port_open(port):
+        if last_pid and Path(f"/proc/{last_pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            continue
         raise PortInUse(f"port {port} on {HOST} (for {what}) is already in use by a process "
                         "that ulens did not start; stop it or choose another port in the config "
                         f"(services.*_port)")
@@ -201,8 +209,8 @@ def _start_kafka(s: cfg.ServicesSettings, p: Paths) -> tuple[int, bool]:
     pid = _read_pid(p.pid("kafka"))
     if _alive(pid, "kafka.Kafka"):
         return pid, False
-    _check_port_free(s.kafka_port, "Kafka")
-    _check_port_free(s.kafka_controller_port, "the Kafka controller")
+    _check_port_free(s.kafka_port, "Kafka", pid)
+    _check_port_free(s.kafka_controller_port, "the Kafka controller", pid)
     java = shutil.which("java")
     if not java:
         raise ServiceError("java is not installed: Apache Kafka needs a JDK (17 or newer)")
@@ -292,7 +300,7 @@ def _start_redis(s: cfg.ServicesSettings, p: Paths) -> tuple[int, bool]:
     pid = _read_pid(p.pid("redis"))
     if _alive(pid, "redis-server"):
         return pid, False
-    _check_port_free(s.redis_port, "Redis")
+    _check_port_free(s.redis_port, "Redis", pid)
     exe = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
     if not exe:
         raise ServiceError("redis-server is not installed (apt-get install redis-server)")

@@ -270,7 +270,7 @@ def test_local_services_are_configured_on_loopback_only(tmp_path, monkeypatch):
     settings = cfg.load(env={}).replace(services={"state_dir": str(tmp_path / "state"),
                                                   "cache_dir": str(tmp_path / "cache")})
     spawned = []
-    monkeypatch.setattr(svc, "_check_port_free", lambda port, what: None)
+    monkeypatch.setattr(svc, "_check_port_free", lambda port, what, last_pid=None: None)
     monkeypatch.setattr(svc.shutil, "which", lambda name: f"/usr/bin/{name}")
     monkeypatch.setattr(svc, "fetch_kafka", lambda s, quiet=False: tmp_path / "libs")
     monkeypatch.setattr(svc.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "", ""))
