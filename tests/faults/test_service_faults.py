@@ -56,7 +56,7 @@ pytestmark = pytest.mark.faults
 
 # --- sizes (the whole tier must run in <= 8 minutes on 2 cores) -----------------------
 N_PSPL, N_BINARY, SIM_SEED = 9, 9, 11       # 21,600 alerts (>= 20,000)
-START_MJD = cfg.load(env={}).replay.start_mjd    # the replay's day 0: the runs' configs keep it
+START_MJD = cfg.ReplaySettings().start_mjd     # the replay's default day 0
 # session_timeout_s 6 (the broker's minimum) instead of 45: after a SIGKILL the restarted
 # member gets its partitions as soon as the dead one's session expires
 CONSUMER = {"batch_size": 500, "poll_timeout_s": 0.2, "log_interval_s": 0.5, "session_timeout_s": 6.0}
