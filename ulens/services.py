@@ -492,7 +492,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_parser("up", help="fetch Kafka if needed, start Kafka and Redis, wait until both answer")
     d = sub.add_parser("down", help="stop the Kafka and Redis processes that `up` started")
     d.add_argument("--wipe", action="store_true", help="also delete their data (topics, Redis state)")
-    st = sub.add_parser("status", help="say what runs where, whether it answers, and the log paths")
+    st = sub.add_parser("status", help="say what runs where, whether it answers, the Redis persistence and "
+                        "the log paths; exit status 4 when one does not answer")
     st.add_argument("--json", action="store_true", help="print the status as JSON")
     sub.add_parser("fetch", help="only resolve the Kafka jars from Maven Central into the cache")
 
