@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument("--json", action="store_true", help="print JSON")
     show.add_argument("--last", type=int, metavar="N", default=None, help="print only the newest N points")
     lst = sub.add_parser("list", help="ids of live events (SCAN)")
-    lst.add_argument("--limit", type=int, default=100)
+    lst.add_argument("--limit", type=int, metavar="N", default=100, help="print at most N ids")
 
 
 def format_event(d: dict) -> str:

@@ -45,8 +45,10 @@ class Metrics:
         self.lag = Gauge("ulens_consumer_lag", "Messages behind the high watermark (assigned partitions)",
                          registry=r)
 
-    def serve(self, port: int, addr: str = "0.0.0.0"):
-        return start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1"):
+        """Serve /metrics on ``host:port`` (loopback unless ``consumer.metrics_host`` says
+        otherwise: the counters name topics and groups, so they are not for every interface)."""
+        return start_http_server(port, addr=host, registry=self.registry)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,6 +27,28 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
+    exit_code = 3      # `ulens`: bad input or configuration (ulens/cli.py, EXIT_CODES)
+
+
+# The user info of a URL (user and password, or a lone token, before the netloc's last "@"
+# as urllib parses it) and secret query parameters (redis-py hands any query parameter
+# to the client, a password included): what mask_url hides.
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)(?P<info>[^/?#\s]*)@")
+_SECRET_PARAMS = ("password", "passwd", "pwd", "pass", "token", "secret")
+_URL_QUERY_MASK = re.compile(r"(?P<key>[?&](?:" + "|".join(_SECRET_PARAMS) + r")=)[^&#\s]*", re.I)
+
+
+def mask_url(text: str) -> str:
+    """``text`` with every credential in the URLs it holds replaced by ``***``.
+
+    ``redis://:secret@host:6379/0`` -> ``redis://:***@host:6379/0``, ``user:pw@`` ->
+    ``user:***@``, a lone ``token@`` -> ``***@``; a password in the query string too.
+    Used wherever an address is printed or logged (a password may come in
+    ULENS_REDIS_URL); text without credentials is returned unchanged."""
+    def userinfo(m: re.Match) -> str:
+        user, colon, _ = m.group("info").partition(":")
+        return f"{m.group('scheme')}{user + ':***' if colon else '***'}@"
+    return _URL_QUERY_MASK.sub(r"\g<key>***", _URL_USERINFO.sub(userinfo, text))
 
 
 def _rng(lo=None, hi=None, choices=None):
@@ -344,7 +367,8 @@ def load(path: Optional[os.PathLike | str] = None, *, env: Optional[dict] = None
         if redis_url == "auto":
             redis_url = recorded.get("redis_url") or f"redis://127.0.0.1:{settings.services.redis_port}/0"
     if not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"redis.url must start with redis://, rediss:// or unix://, got {redis_url!r}")
+        raise ConfigError("redis.url must start with redis://, rediss:// or unix://, "
+                          f"got {mask_url(redis_url)!r}")
     return dataclasses.replace(
         settings,
         kafka=dataclasses.replace(settings.kafka, bootstrap_servers=kafka_bs),

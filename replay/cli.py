@@ -250,7 +250,7 @@ def run(args) -> int:
                   "events": lc.n_events, "points": lc.n_points},
         "options": {**{k: v for k, v in o.items() if k not in ("speed", "speed_arg")},
                     "speed": o["speed_arg"], "producer_overrides": overrides},
-        "kafka": {"bootstrap_servers": client.get("bootstrap.servers"), "topic": o["topic"],
+        "kafka": {"bootstrap_servers": cfg.mask_url(client.get("bootstrap.servers")), "topic": o["topic"],
                   "partitions": partitions, "topic_created": created,
                   "truth_topic": settings.kafka.topics.truth if o["publish_truth"] else None},
         "counts": {"alerts_planned": p.n_alerts, "alerts_produced": n,

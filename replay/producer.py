@@ -15,6 +15,7 @@ import numpy as np
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from config import mask_url
 from replay.stream import Plan, ReplayError
 
 # librdkafka settings for throughput with durability: big batches, a short linger.
@@ -37,6 +38,7 @@ SECONDS_PER_DAY = 86_400.0
 
 class KafkaUnavailable(ReplayError):
     """Kafka did not answer, or refused to create a topic."""
+    exit_code = 4      # `ulens`: services unavailable (ulens/cli.py, EXIT_CODES)
 
 
 # ---------------------------------------------------------------------------- pacing (pure)
@@ -83,7 +85,7 @@ def existing_partitions(client_config: dict, topic: str, timeout: float = 10.0) 
     try:
         md = _admin(client_config).list_topics(timeout=timeout)
     except KafkaException as exc:
-        raise KafkaUnavailable(f"Kafka at {client_config.get('bootstrap.servers')} does not "
+        raise KafkaUnavailable(f"Kafka at {mask_url(client_config.get('bootstrap.servers'))} does not "
                                f"answer: {exc.args[0].str() if exc.args else exc}") from None
     t = md.topics.get(topic)
     if t is None or t.error is not None:

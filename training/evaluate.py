@@ -326,7 +326,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary JSON")
     p.add_argument("--output", metavar="DIR", default=None,
                    help="folder for the summary and plots (default: MODEL/evaluation)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where the model runs")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
 
 

@@ -154,13 +154,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--series", default="cadence,noise,topology", help="comma-separated subset")
     p.add_argument("--n-events", type=int, default=6000, help="training events per point (half binary)")
     p.add_argument("--test-events", type=int, default=2000, help="fresh test events per point")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=30, help="most training epochs per point")
     p.add_argument("--max-minutes", type=float, default=10.0, help="training cap per point")
     p.add_argument("--workers", type=int, default=2, help="simulation processes")
-    p.add_argument("--output-root", default="results", metavar="DIR")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--output-root", default="results", metavar="DIR",
+                   help="folder under which experiments_<timestamp> is made")
+    p.add_argument("--seed", type=int, default=1, help="random seed of the simulations and training")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to train (auto: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 
 def run(args) -> int:

@@ -395,14 +395,16 @@ def _f(v) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="FILE", help="dataset .npz from `ulens simulate`")
     p.add_argument("--experiment-name", required=True, metavar="NAME", help="run folder prefix")
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="most training epochs")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="light curves per batch")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="learning rate")
     p.add_argument("--patience", type=int, default=TrainConfig.patience,
                    help="epochs without a better validation AUC before stopping")
-    p.add_argument("--output-root", default=TrainConfig.output_root, metavar="DIR")
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--output-root", default=TrainConfig.output_root, metavar="DIR",
+                   help="folder under which the run folder NAME_<timestamp> is made")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed (split, crops, weights)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to train (auto: cuda when available)")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock cap on the epochs")
     p.add_argument("--crop-length", type=int, default=TrainConfig.crop_length,
                    help="loss points per training crop (plus receptive_field - 1 of context)")
@@ -413,8 +415,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-false-rate", type=float, default=TrainConfig.max_false_rate,
                    help="share of validation PSPL events allowed to fire at the chosen threshold")
     p.add_argument("--dilations", default="1,4,16", help="dilations of the three convolutions")
-    p.add_argument("--dropout", type=float, default=TrainConfig.dropout)
-    p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
+    p.add_argument("--dropout", type=float, default=TrainConfig.dropout, help="dropout rate")
+    p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay,
+                   help="weight decay of the optimiser")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 

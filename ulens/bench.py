@@ -1161,6 +1161,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from config import mask_url
+    from ulens.cli import EXIT_OK, EXIT_UNEXPECTED, exit_code_for
+
     which = list(BENCHMARKS) if "all" in args.benchmark else \
         [b for b in BENCHMARKS if b in args.benchmark]
     if args.torch_threads is not None:
@@ -1179,9 +1182,10 @@ def run(args) -> int:
             try:
                 got = fns[b](r, args)
             except Exception as exc:   # report the others; a failed benchmark is an error row
-                failed.append(b)
-                log(f"{b} failed: {type(exc).__name__}: {exc}")
-                got = [make_row(f"{b}.error", None, None, note=f"{type(exc).__name__}: {exc}")]
+                failed.append(exc)
+                what = mask_url(f"{type(exc).__name__}: {exc}")
+                log(f"{b} failed: {what}")
+                got = [make_row(f"{b}.error", None, None, note=what)]
             rows += got
             log(f"== {b} done in {time.perf_counter() - t0:.0f} s")
     finally:
@@ -1197,4 +1201,5 @@ def run(args) -> int:
         print(format_table(rows))
     if args.output:
         Path(args.output).write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return 1 if failed else 0
+    # the first failure's status in the `ulens` table (4: services unavailable...), else 1
+    return (exit_code_for(failed[0]) or EXIT_UNEXPECTED) if failed else EXIT_OK

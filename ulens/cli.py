@@ -3,14 +3,18 @@
 Each command module exposes ``HELP`` (its description), ``add_arguments(parser)`` and
 ``run(args) -> int``. Only the chosen module is imported, so `ulens --help` and
 light commands stay fast (torch is imported only by the commands that need it).
+Every command takes ``--config FILE`` (after any action too) and exits with a status of
+the one table ``EXIT_CODES`` (README, "Exit status").
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
+import textwrap
 
-# Exceptions raised by these packages about the user's input print without a traceback.
+# Exceptions raised by these packages print without a traceback (see exit_code_for).
 OWN_PACKAGES = {"ulens", "config", "schemas", "training", "replay", "broker"}
 
 # name -> (module path, one-line help). Order is the order shown in `ulens --help`.
@@ -31,6 +35,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# The `ulens` command's exit status, for every subcommand. An exception of the project
+# says which code it means with an ``exit_code`` attribute (config.ConfigError 3,
+# ulens.services.ServiceError 4, ...); see exit_code_for.
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "success",
+    EXIT_UNEXPECTED: "unexpected error: a bug, the traceback is printed",
+    EXIT_USAGE: "usage error: unknown command, bad or missing option",
+    EXIT_BAD_INPUT: "bad input or configuration: the message names the file, field or value",
+    EXIT_UNAVAILABLE: "services unavailable: Kafka or Redis could not be reached or started, "
+                      "or the consumer gave up after consumer.retry_for_s of retries",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
+
+
+def _exit_codes_text() -> str:
+    return "exit status:\n" + "\n".join(
+        textwrap.fill(what, 88, initial_indent=f"  {code:<4} ", subsequent_indent=" " * 7)
+        for code, what in EXIT_CODES.items())
+
+
 def _top_parser() -> argparse.ArgumentParser:
     lines = []
     for name, (_, help_) in COMMANDS.items():
@@ -39,38 +64,103 @@ def _top_parser() -> argparse.ArgumentParser:
         prog="ulens",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="ulens-broker: real-time triggers for binary microlensing events.",
-        epilog="commands:\n" + "\n".join(lines) + "\n\nRun `ulens COMMAND --help` for a command's options.",
+        epilog="commands:\n" + "\n".join(lines) + "\n\nRun `ulens COMMAND --help` for a command's "
+               "options; every command takes\n--config FILE, also after its action.\n\n" + _exit_codes_text(),
     )
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's default once: "(default: X)" is added only when the help does not
+    already say what the default is and there is one worth saying (not None, not a flag's
+    False, not a suppressed value)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        d = action.default
+        if (re.search(r"\bdefault", help_, re.I) or d is None or d is argparse.SUPPRESS
+                or (d is False and action.nargs == 0)
+                or not (action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE))):
+            return help_
+        return help_ + " (default: %(default)s)"
+
+
+CONFIG_HELP = "YAML file merged over config/default.yaml (or env ULENS_CONFIG)"
+
+
+def _nested_parsers(parser: argparse.ArgumentParser):
+    """The parsers of ``parser``'s sub-actions (``ulens events show``...), recursively."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield sub
+                yield from _nested_parsers(sub)
+
+
+def build_parser(name: str, module) -> argparse.ArgumentParser:
+    """The parser of `ulens NAME`: the module's arguments plus --config, which is also
+    accepted after each nested action (`ulens events show 1 --config F`)."""
+    parser = argparse.ArgumentParser(prog=f"ulens {name}", description=module.HELP,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--config", metavar="FILE", default=None, help=CONFIG_HELP)
+    module.add_arguments(parser)
+    for sub in _nested_parsers(parser):
+        sub.formatter_class = HelpFormatter
+        # SUPPRESS: a nested parser that was not given --config must not reset the value
+        # given before the action (argparse copies a subparser's defaults over the parent's)
+        sub.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    return parser
+
+
+def exit_code_for(exc: BaseException) -> int | None:
+    """The exit status an exception a command raised stands for; None: unexpected (a bug).
+
+    The project's exceptions: their ``exit_code``, else a ValueError or OSError is about
+    the user's input (3). A Kafka or Redis client error that means the service is away
+    (``broker.retry.transient_cause``): 4; Redis refusing the login: 3."""
+    package = type(exc).__module__.split(".")[0]
+    if package in OWN_PACKAGES:
+        code = getattr(exc, "exit_code", None)
+        if isinstance(code, int):
+            return code
+        return EXIT_BAD_INPUT if isinstance(exc, (ValueError, OSError)) else None
+    # a client error of a library that is not imported cannot have been raised
+    redis, kafka = sys.modules.get("redis"), sys.modules.get("confluent_kafka")
+    if redis is not None and isinstance(exc, (redis.AuthenticationError, redis.exceptions.NoPermissionError)):
+        return EXIT_BAD_INPUT
+    if (redis is not None and isinstance(exc, redis.RedisError)) or \
+            (kafka is not None and isinstance(exc, kafka.KafkaException)):
+        from broker.retry import transient_cause
+        return EXIT_UNAVAILABLE if transient_cause(exc) is not None else None
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         _top_parser().print_help()
-        return 0 if argv else 2
+        return EXIT_OK if argv else EXIT_USAGE
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"ulens: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"ulens {name}", description=module.HELP,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", metavar="FILE", default=None,
-                        help="YAML file merged over config/default.yaml (or env ULENS_CONFIG)")
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    args = build_parser(name, module).parse_args(rest)     # a usage error exits 2 (argparse)
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as exc:
-        # Errors the parts raise about the user's input (bad config, dataset, frame,
-        # port in use...) carry a message that names the problem: print it, no traceback.
-        if type(exc).__module__.split(".")[0] in OWN_PACKAGES:
-            print(f"ulens {name}: error: {exc}", file=sys.stderr)
-            return 2
-        raise
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        code = exit_code_for(exc)
+        if code is None:
+            raise        # a bug: Python prints the traceback and exits 1 (EXIT_UNEXPECTED)
+        from config import mask_url
+
+        # the message names the problem (a bad config key, a dataset, a port in use, the
+        # service that is away): no traceback; credentials in addresses are masked
+        what = "" if type(exc).__module__.split(".")[0] in OWN_PACKAGES else f"{type(exc).__name__}: "
+        print(f"ulens {name}: error: {mask_url(what + str(exc))}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

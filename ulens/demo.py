@@ -6,7 +6,8 @@ while the broker consumes them with the shipped model -> decision-time report.
 Each demo run gets its own topics, consumer group and Redis key prefix (written to a
 config file in the run folder and passed to every stage with --config), so runs never
 see each other's alerts or triggers. Every stage runs as its own `ulens` process, as
-a user would run it; a failing stage stops the demo with its name and exit status.
+a user would run it; a failing stage stops the demo with its name, and the demo exits
+with that stage's exit status (services unavailable stays 4, bad input 3...).
 """
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ HELP = ("Run the whole pipeline on this machine: start Kafka and Redis, simulate
 
 
 class DemoError(RuntimeError):
-    pass
+    def __init__(self, message: str, exit_code: int = 3):
+        super().__init__(message)
+        self.exit_code = exit_code      # a failed stage's exit status; 3: bad input (ulens/cli.py)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,7 +53,7 @@ def _stage(name: str, argv: list[str]) -> None:
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "ulens.cli", *argv])
     if proc.returncode != 0:
-        raise DemoError(f"stage '{name}' failed with exit status {proc.returncode}")
+        raise DemoError(f"stage '{name}' failed with exit status {proc.returncode}", proc.returncode)
     print(f"== {name}: done in {time.monotonic() - t0:.1f} s", flush=True)
 
 
@@ -100,12 +103,12 @@ def run(args: argparse.Namespace) -> int:
                 consumer.terminate()
                 consumer.wait(30)
         if rc != 0:
-            raise DemoError(f"stage 'consume' failed with exit status {rc}")
+            raise DemoError(f"stage 'consume' failed with exit status {rc}", rc)
         _stage("report", ["report", *conf, "--truth", str(truth), "--plots", str(folder / "plots"),
                           "--output", str(folder / "report.json")])
     except DemoError as exc:
         print(f"\nulens demo: {exc} (run folder {folder})", file=sys.stderr)
-        return 1
+        return exc.exit_code
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s; run folder {folder} "
           f"(report.json, plots/, truth.jsonl, config.yaml)")
     return 0

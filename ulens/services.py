@@ -28,6 +28,7 @@ HOST = "127.0.0.1"
 
 class ServiceError(OSError):
     """A local service cannot be fetched, started or stopped; the message says why."""
+    exit_code = 4      # `ulens`: services unavailable (ulens/cli.py, EXIT_CODES)
 
 
 class PortInUse(ServiceError):
@@ -147,8 +148,16 @@ def _alive(pid: int | None, marker: str) -> bool:
     return marker in cmdline
 
 
-def _check_port_free(port: int, what: str) -> None:
-    if _port_open(port):
+def _check_port_free(port: int, what: str, last_pid: int | None = None) -> None:
+    """PortInUse when something answers on ``port``. ``last_pid``: the process ulens ran
+    there before, found not running: killed a moment ago, its other threads may still hold
+    the port after its main thread shows as a zombie (20 of 30 redis-servers killed with
+    SIGKILL still accepted connections then), so while it is in /proc this waits a little."""
+    deadline = time.monotonic() + 5
+    while _port_open(port):
+        if last_pid and Path(f"/proc/{last_pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            continue
         raise PortInUse(f"port {port} on {HOST} (for {what}) is already in use by a process "
                         "that ulens did not start; stop it or choose another port in the config "
                         f"(services.*_port)")
@@ -159,6 +168,16 @@ def _spawn(cmd: list[str], log: Path, pid_file: Path, cwd: Path) -> int:
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=cwd, start_new_session=True)
+    # Popen returns while the kernel is still inside exec, when /proc/PID/cmdline can read
+    # empty: _alive (which _wait asks) would take the new process for dead.
+    deadline = time.monotonic() + 5
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+                break
+        except OSError:
+            break
+        time.sleep(0.005)
     pid_file.write_text(str(proc.pid))
     return proc.pid
 
@@ -190,8 +209,8 @@ def _start_kafka(s: cfg.ServicesSettings, p: Paths) -> tuple[int, bool]:
     pid = _read_pid(p.pid("kafka"))
     if _alive(pid, "kafka.Kafka"):
         return pid, False
-    _check_port_free(s.kafka_port, "Kafka")
-    _check_port_free(s.kafka_controller_port, "the Kafka controller")
+    _check_port_free(s.kafka_port, "Kafka", pid)
+    _check_port_free(s.kafka_controller_port, "the Kafka controller", pid)
     java = shutil.which("java")
     if not java:
         raise ServiceError("java is not installed: Apache Kafka needs a JDK (17 or newer)")
@@ -241,32 +260,120 @@ def _start_kafka(s: cfg.ServicesSettings, p: Paths) -> tuple[int, bool]:
 
 # --- Redis ---------------------------------------------------------------------------
 
-def _redis_answers(port: int) -> bool:
+def _redis(port: int, timeout: float = 1.0):
+    """A client of the local server that does not retry: a probe says whether it answers
+    now (redis-py's default retries a refused connection with backoff for ~10 s)."""
     import redis
+    return redis.Redis(host=HOST, port=port, socket_timeout=timeout, socket_connect_timeout=timeout,
+                       retry=None)
+
+
+def _redis_answers(port: int) -> bool:
     try:
-        return bool(redis.Redis(host=HOST, port=port, socket_timeout=1).ping())
+        return bool(_redis(port).ping())
     except Exception:
         return False
+
+
+# Redis 7's multi-part AOF: the manifest names the files; without it there is no AOF.
+AOF_MANIFEST = "appendonlydir/appendonly.aof.manifest"
+
+
+def _redis_conf(s: cfg.ServicesSettings, rdir: Path) -> str:
+    """redis.conf of the local server. Persistence follows ``services.redis_appendfsync``
+    (README, "Durability"): AOF with that fsync policy, or ``off`` = RDB snapshots only."""
+    aof = s.redis_appendfsync != "off"
+    lines = [f"bind {HOST}", f"port {s.redis_port}", "protected-mode yes", f"dir {rdir}",
+             # snapshots in every mode: the only persistence with `off` (a change is saved
+             # within 300 s, within 60 s under load), backups otherwise
+             "daemonize no", "save 300 1 60 1000", "dbfilename dump.rdb",
+             f"appendonly {'yes' if aof else 'no'}"]
+    if aof:
+        # no-appendfsync-on-rewrite no: `always` keeps fsyncing while a rewrite or a
+        # snapshot runs (yes would make it `no` for that time)
+        lines += [f"appendfsync {s.redis_appendfsync}", "aof-use-rdb-preamble yes",
+                  "no-appendfsync-on-rewrite no"]
+    return "\n".join(lines + ["maxmemory-policy noeviction", ""])
 
 
 def _start_redis(s: cfg.ServicesSettings, p: Paths) -> tuple[int, bool]:
     pid = _read_pid(p.pid("redis"))
     if _alive(pid, "redis-server"):
         return pid, False
-    _check_port_free(s.redis_port, "Redis")
+    _check_port_free(s.redis_port, "Redis", pid)
     exe = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
     if not exe:
         raise ServiceError("redis-server is not installed (apt-get install redis-server)")
     rdir = p.redis_dir()
     rdir.mkdir(parents=True, exist_ok=True)
     conf = rdir / "redis.conf"
-    conf.write_text("\n".join([
-        f"bind {HOST}", f"port {s.redis_port}", "protected-mode yes", f"dir {rdir}",
-        "daemonize no", "save 60 1000", "appendonly no", "dbfilename dump.rdb",
-        "maxmemory-policy noeviction", "",
-    ]))
+    conf.write_text(_redis_conf(s, rdir))
+    # Redis loads only the file of the mode it starts in (the AOF with appendonly yes,
+    # dump.rdb with no): started in AOF mode over a data dir that has only dump.rdb it
+    # comes up empty, and overwrites dump.rdb at its next snapshot (Redis 7.0; see
+    # tests/integration/test_services_lifecycle.py). So after a change of mode it starts
+    # once in the mode its data is in, and _apply_persistence switches it at runtime
+    # (CONFIG SET appendonly), which carries the data over.
+    want_aof = s.redis_appendfsync != "off"
+    has_aof = (rdir / AOF_MANIFEST).exists()
+    if want_aof and not has_aof and (rdir / "dump.rdb").exists():
+        old_mode = ["--appendonly", "no"]
+    elif not want_aof and has_aof:
+        old_mode = ["--appendonly", "yes"]
+    else:
+        old_mode = []
     log = p.logs() / "redis.log"
-    return _spawn([exe, str(conf)], log, p.pid("redis"), rdir), True
+    return _spawn([exe, str(conf), *old_mode], log, p.pid("redis"), rdir), True
+
+
+def _redis_persistence(port: int) -> str | None:
+    """What the server at ``port`` runs with: "aof <appendfsync>", "rdb" (snapshots only),
+    or None when it does not answer."""
+    try:
+        got = _redis(port, timeout=2).config_get("append*")
+    except Exception:
+        return None
+    return f"aof {got['appendfsync']}" if got.get("appendonly") == "yes" else "rdb"
+
+
+def _apply_persistence(s: cfg.ServicesSettings, p: Paths) -> None:
+    """Bring the running redis-server to ``services.redis_appendfsync`` at runtime, data
+    kept: a server started before in the other mode (an older `up`, or the setting
+    changed) is switched with CONFIG SET, and this returns once the switch is on disk."""
+    import redis
+    r = _redis(s.redis_port, timeout=60)
+    want_aof = s.redis_appendfsync != "off"
+    if want_aof:
+        r.config_set("appendfsync", s.redis_appendfsync)
+    if (r.config_get("appendonly")["appendonly"] == "yes") == want_aof:
+        return
+    deadline = time.monotonic() + s.start_timeout_s
+    if want_aof:
+        # Redis writes a new AOF from memory in the background and appends to it from now on
+        before = int(r.info("persistence")["aof_rewrites"])
+        r.config_set("appendonly", "yes")
+        while True:
+            info = r.info("persistence")
+            if (int(info["aof_rewrites"]) > before and not info["aof_rewrite_in_progress"]
+                    and not info["aof_rewrite_scheduled"]):
+                if info["aof_last_bgrewrite_status"] != "ok" or not (p.redis_dir() / AOF_MANIFEST).exists():
+                    raise ServiceError(f"redis-server could not switch to AOF; see {p.logs() / 'redis.log'}")
+                return
+            if time.monotonic() > deadline:
+                raise ServiceError(f"redis-server did not finish writing its AOF within "
+                                   f"{s.start_timeout_s:.0f} s; see {p.logs() / 'redis.log'}")
+            time.sleep(0.1)
+    r.config_set("appendonly", "no")
+    while True:   # a snapshot of everything, now that the AOF is no longer written
+        try:
+            r.save()
+            break
+        except redis.ResponseError as exc:   # an automatic snapshot is running: wait for it
+            if "in progress" not in str(exc) or time.monotonic() > deadline:
+                raise ServiceError(f"redis-server could not save its snapshot: {exc}") from None
+            time.sleep(0.2)
+    # the AOF is stale from now on: a later switch back to AOF must start from dump.rdb
+    shutil.rmtree(p.redis_dir() / "appendonlydir", ignore_errors=True)
 
 
 # --- public API ----------------------------------------------------------------------
@@ -302,6 +409,7 @@ def up(settings: cfg.Settings, quiet: bool = False) -> dict:
     redis_url = f"redis://{HOST}:{s.redis_port}/0"
     _wait(lambda: _redis_answers(s.redis_port), s.start_timeout_s, "redis-server", rpid,
           "redis-server", p.logs() / "redis.log")
+    _apply_persistence(s, p)
     _wait(lambda: _port_open(s.kafka_port) and _kafka_answers(bootstrap), s.start_timeout_s, "Kafka", kpid, "kafka.Kafka",
           p.logs() / "kafka.log")
     endpoints = {"kafka_bootstrap": bootstrap, "redis_url": redis_url,
@@ -361,15 +469,19 @@ def status(settings: cfg.Settings) -> dict:
     p = _paths(s)
     kpid, rpid = _read_pid(p.pid("kafka")), _read_pid(p.pid("redis"))
     bootstrap = f"{HOST}:{s.kafka_port}"
+    redis_up = _redis_answers(s.redis_port)
     return {
         "kafka": {"running": _alive(kpid, "kafka.Kafka"), "pid": kpid, "address": bootstrap,
                   "answering": _port_open(s.kafka_port) and _kafka_answers(bootstrap),
                   "log": str(p.logs() / "kafka.log"), "data": str(p.kafka_dir() / "data")},
         "redis": {"running": _alive(rpid, "redis-server"), "pid": rpid,
                   "address": f"redis://{HOST}:{s.redis_port}/0",
-                  "answering": _redis_answers(s.redis_port),
+                  "answering": redis_up,
+                  "persistence": _redis_persistence(s.redis_port) if redis_up else None,
                   "log": str(p.logs() / "redis.log"), "data": str(p.redis_dir())},
-        "config_uses": {"kafka": settings.kafka.bootstrap_servers, "redis": settings.redis.url},
+        # the addresses may come from the environment with a password in them
+        "config_uses": {"kafka": cfg.mask_url(settings.kafka.bootstrap_servers),
+                        "redis": cfg.mask_url(settings.redis.url)},
     }
 
 
@@ -380,7 +492,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_parser("up", help="fetch Kafka if needed, start Kafka and Redis, wait until both answer")
     d = sub.add_parser("down", help="stop the Kafka and Redis processes that `up` started")
     d.add_argument("--wipe", action="store_true", help="also delete their data (topics, Redis state)")
-    st = sub.add_parser("status", help="say what runs where, whether it answers, and the log paths")
+    st = sub.add_parser("status", help="say what runs where, whether it answers, the Redis persistence and "
+                        "the log paths; exit status 4 when one does not answer")
     st.add_argument("--json", action="store_true", help="print the status as JSON")
     sub.add_parser("fetch", help="only resolve the Kafka jars from Maven Central into the cache")
 
@@ -402,9 +515,11 @@ def run(args: argparse.Namespace) -> int:
                 x = st[name]
                 state = "running" if x["running"] else "stopped"
                 ans = "answering" if x["answering"] else "not answering"
-                print(f"{name:<6} {state:<8} pid {x['pid'] or '-':<8} {x['address']:<26} {ans}\n"
+                persistence = f", persistence {x['persistence']}" if x.get("persistence") else ""
+                print(f"{name:<6} {state:<8} pid {x['pid'] or '-':<8} {x['address']:<26} {ans}{persistence}\n"
                       f"       log  {x['log']}\n       data {x['data']}")
             print(f"config uses kafka {st['config_uses']['kafka']}, redis {st['config_uses']['redis']}")
-        return 0 if st["kafka"]["answering"] and st["redis"]["answering"] else 1
+        # one not answering: services unavailable
+        return 0 if st["kafka"]["answering"] and st["redis"]["answering"] else ServiceError.exit_code
     return 0
 

@@ -279,7 +279,7 @@ def test_bad_archival_file_errors_and_produces_nothing(services, topics, fresh_t
     for topic in (t, new):
         rc, out, err = replay(capsys, "--photometry", good, bad, "--topic", topic,
                               "--truth-out", tmp_path / "x" / "truth.jsonl")
-        assert rc == 2
+        assert rc == 3
         assert f"{bad}:4:" in err and "not a number" in err and "Traceback" not in err
     assert high_watermarks(services, t) == 0
     assert _partitions(services, new) is None            # not even the topic was created
@@ -311,7 +311,7 @@ def test_bad_dataset_produces_nothing(services, topics, tmp_path, capsys, kind, 
     t = topics("alerts")["alerts"]
     rc, out, err = replay(capsys, "--data", _bad_npz(tmp_path, kind), "--topic", t,
                           "--truth-out", tmp_path / "x" / "truth.jsonl")
-    assert rc == 2 and match in err and "Traceback" not in err, err
+    assert rc == 3 and match in err and "Traceback" not in err, err
     assert high_watermarks(services, t) == 0
     assert not (tmp_path / "x").exists()
 

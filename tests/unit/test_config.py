@@ -107,3 +107,24 @@ def test_replace_returns_changed_copy():
     s = cfg.load(env={})
     t = s.replace(consumer={"group": "other"})
     assert t.consumer.group == "other" and s.consumer.group != "other"
+
+
+@pytest.mark.parametrize("url, masked", [
+    ("redis://:secret@host:6379/0", "redis://:***@host:6379/0"),
+    ("rediss://ops:pa:ss@r.example.org:6380/2", "rediss://ops:***@r.example.org:6380/2"),
+    ("redis://:p@ss@host:6379/0", "redis://:***@host:6379/0"),          # up to the last @, as urllib
+    ("redis://token@host/0", "redis://***@host/0"),
+    ("redis://host:6379/0?password=secret&db=1", "redis://host:6379/0?password=***&db=1"),
+    ("SASL_SSL://svc:secret@k1:9093,k2:9093", "SASL_SSL://svc:***@k1:9093,k2:9093"),
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),           # nothing to hide
+    ("k1:9092,k2:9092", "k1:9092,k2:9092"),
+    ("error at redis://u:secret@h:1/0: refused", "error at redis://u:***@h:1/0: refused"),
+])
+def test_mask_url_hides_credentials_only(url, masked):
+    assert cfg.mask_url(url) == masked
+
+
+def test_config_errors_mask_the_url(tmp_path):
+    with pytest.raises(cfg.ConfigError) as ei:
+        cfg.load(env={"ULENS_REDIS_URL": "http://:hunter2@redis.example.org/0"})
+    assert "hunter2" not in str(ei.value) and "http://:***@redis.example.org/0" in str(ei.value)

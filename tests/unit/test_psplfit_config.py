@@ -61,9 +61,9 @@ def test_consume_rule_option(capsys):
 
 
 def test_evaluate_rule_options(tmp_path, capsys):
-    assert cli.main(["evaluate", "--data", str(tmp_path / "x.npz")]) == 2
+    assert cli.main(["evaluate", "--data", str(tmp_path / "x.npz")]) == 3
     assert "--model is required with --rule tdcnn" in capsys.readouterr().err
-    assert cli.main(["evaluate", "--rule", "both", "--data", str(tmp_path / "x.npz")]) == 2
+    assert cli.main(["evaluate", "--rule", "both", "--data", str(tmp_path / "x.npz")]) == 3
     assert "--rule both needs --model" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli.main(["evaluate", "--rule", "fit", "--data", "x.npz"])

@@ -270,7 +270,7 @@ def test_local_services_are_configured_on_loopback_only(tmp_path, monkeypatch):
     settings = cfg.load(env={}).replace(services={"state_dir": str(tmp_path / "state"),
                                                   "cache_dir": str(tmp_path / "cache")})
     spawned = []
-    monkeypatch.setattr(svc, "_check_port_free", lambda port, what: None)
+    monkeypatch.setattr(svc, "_check_port_free", lambda port, what, last_pid=None: None)
     monkeypatch.setattr(svc.shutil, "which", lambda name: f"/usr/bin/{name}")
     monkeypatch.setattr(svc, "fetch_kafka", lambda s, quiet=False: tmp_path / "libs")
     monkeypatch.setattr(svc.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "", ""))
@@ -328,3 +328,26 @@ def test_no_secret_in_repository_files():
                     hits.append(f"{name}:{n}: {line.strip()[:120]}")
     assert not hits, hits
     assert (REPO / "config" / "default.yaml").read_text().count("password") >= 1  # documented as env-only
+
+
+def test_metrics_listener_binds_loopback_unless_told():
+    from broker.metrics import Metrics
+    server, _ = Metrics().serve(0)                 # port 0: any free one
+    try:
+        assert server.socket.getsockname()[0] == "127.0.0.1"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert cfg.load(env={}).consumer.metrics_host == "127.0.0.1"
+
+
+def test_torch_floor_excludes_the_weights_only_escapes():
+    """torch.load(weights_only=True) is how artifacts are read (training/artifact.py):
+    CVE-2025-32434 (fixed in 2.6.0) and CVE-2026-24747 (fixed in 2.10.0) break it."""
+    import tomllib
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = next(d for d in deps if re.match(r"torch\b", d))
+    floor = re.search(r">=\s*([\d.]+)", spec).group(1)
+    assert tuple(int(x) for x in floor.split(".")) >= (2, 10), spec
+    installed = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+    assert installed >= (2, 10), torch.__version__

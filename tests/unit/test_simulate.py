@@ -248,7 +248,7 @@ def test_cli_bad_arguments_fail_cleanly_before_work(extra, message, tmp_path, ca
     args = ["--n-pspl", "2", "--n-binary", "2", "--output", str(out), "-q"]
     # later values win in argparse
     rc, cap = _cli(args + extra, capsys)
-    assert rc == 2 and message in cap.err and "Traceback" not in cap.err
+    assert rc == 3 and message in cap.err and "Traceback" not in cap.err
     assert not out.exists()
 
 
@@ -257,9 +257,9 @@ def test_cli_unwritable_output(tmp_path, capsys):
     blocker.write_text("x")
     rc, cap = _cli(["--n-pspl", "1", "--n-binary", "1", "--output", str(blocker / "d.npz"),
                     "-q"], capsys)
-    assert rc == 2 and "cannot be written" in cap.err and "a-file" in cap.err
+    assert rc == 3 and "cannot be written" in cap.err and "a-file" in cap.err
     rc, cap = _cli(["--n-pspl", "1", "--n-binary", "1", "--output", str(tmp_path), "-q"], capsys)
-    assert rc == 2 and "is a directory" in cap.err
+    assert rc == 3 and "is a directory" in cap.err
 
 
 def test_cli_writes_a_loadable_dataset(tmp_path, capsys):

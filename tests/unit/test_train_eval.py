@@ -109,13 +109,13 @@ def test_cli_train_and_evaluate(trained, capsys):
 
 def test_bad_arguments_are_clean_errors(tmp_path, capsys):
     assert cli.main(["train", "--data", str(tmp_path / "missing.npz"), "--experiment-name", "x",
-                     "--output-root", str(tmp_path)]) == 2
+                     "--output-root", str(tmp_path)]) == 3
     err = capsys.readouterr().err
     assert "dataset file not found" in err and "missing.npz" in err and "Traceback" not in err
-    assert cli.main(["evaluate", "--model", str(tmp_path / "nomodel"), "--data", "x.npz"]) == 2
+    assert cli.main(["evaluate", "--model", str(tmp_path / "nomodel"), "--data", "x.npz"]) == 3
     err = capsys.readouterr().err
     assert "model artifact folder not found" in err and "nomodel" in err
-    assert cli.main(["train", "--data", "x.npz", "--experiment-name", "x", "--dilations", "1,a,2"]) == 2
+    assert cli.main(["train", "--data", "x.npz", "--experiment-name", "x", "--dilations", "1,a,2"]) == 3
     assert "--dilations" in capsys.readouterr().err
 
 
@@ -126,7 +126,7 @@ def test_experiment_plan_shares_the_baseline_point():
     assert len(points) == 4 + 2 + 3
     base = [p for p in points if p.settings == BASELINE]
     assert len(base) == 1 and base[0].series == ["cadence", "noise", "topology"]
-    assert cli.main(["experiments", "--series", "bogus"]) == 2
+    assert cli.main(["experiments", "--series", "bogus"]) == 3
 
 
 def test_training_inputs_equal_artifact_inputs(trained):
