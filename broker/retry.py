@@ -71,6 +71,8 @@ def transient_cause(exc: BaseException) -> Optional[str]:
     import redis
     from confluent_kafka import KafkaException
 
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        return None             # a ConnectionError subclass, but a wrong password needs a person
     if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                         redis.exceptions.TryAgainError, redis.exceptions.ReadOnlyError)):
         return "redis"          # BusyLoadingError (LOADING after a restart) is a ConnectionError

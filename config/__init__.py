@@ -281,6 +281,8 @@ def _check_value(key: str, tp: Any, value: Any, meta: dict, src: str) -> Any:
             raise ConfigError(f"{src}: {key} must be a number, got {value!r}")
         value = float(value)
     elif tp is str:
+        if value is False and "off" in (meta.get("choices") or ()):
+            value = "off"       # YAML 1.1 reads an unquoted off as false
         if not isinstance(value, str):
             raise ConfigError(f"{src}: {key} must be a string, got {value!r}")
     lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")

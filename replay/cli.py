@@ -279,5 +279,8 @@ def run(args) -> int:
     if undelivered or truth_failed or out.error:
         print(f"replay: error: {undelivered} alert(s) and {truth_failed} truth record(s) not "
               f"delivered (first error: {delivery.first_error})", file=sys.stderr)
-        return 130 if out.interrupted else 1
+        # ulens/cli.py's table: 4 Kafka away (timed out, unreachable, still unflushed), 3 Kafka
+        # refused what was sent (too large, not authorised, a fatal producer error)
+        away = delivery.first_error_transient or (out.unflushed and not delivery.failed and not out.error)
+        return 130 if out.interrupted else 4 if away else 3
     return 130 if out.interrupted else 0

@@ -155,6 +155,9 @@ class Delivery:
     failed: int = 0
     succeeded: int = 0      # only counted when success reports are on (-X delivery.report.only.error=false)
     first_error: Optional[str] = None
+    # the first failure was Kafka being away (timed out, unreachable): exit 4, services
+    # unavailable; else Kafka refused the messages (too large, not authorised...): exit 3
+    first_error_transient: bool = False
 
     def callback(self, err, msg) -> None:
         if err is None:
@@ -163,6 +166,18 @@ class Delivery:
             self.failed += 1
             if self.first_error is None:
                 self.first_error = f"{err.str() if hasattr(err, 'str') else err}"
+                self.first_error_transient = _kafka_away(err)
+
+
+def _kafka_away(err) -> bool:
+    from confluent_kafka import KafkaError
+
+    away = {getattr(KafkaError, n) for n in ("_MSG_TIMED_OUT", "_TRANSPORT", "_ALL_BROKERS_DOWN",
+                                             "_TIMED_OUT", "REQUEST_TIMED_OUT") if hasattr(KafkaError, n)}
+    try:
+        return bool(err.retriable()) or err.code() in away
+    except AttributeError:
+        return False
 
 
 @dataclass

@@ -431,7 +431,7 @@ def test_cli_events_show_and_subscribe(services, topics, key_prefix, model, tmp_
     assert cli.main(["events", "--config", str(conf), "show", str(oid), "--last", "3"]) == 0
     out = capsys.readouterr().out
     assert f"event {oid}" in out and "P(binary)" in out
-    assert cli.main(["events", "--config", str(conf), "show", "999999999"]) == 2
+    assert cli.main(["events", "--config", str(conf), "show", "999999999"]) == 3
     assert "no event 999999999" in capsys.readouterr().err
 
     n_trig = len([o for o in model["expected"] if o in {e["oid"] for e in events}])

@@ -327,7 +327,7 @@ def test_undelivered_alerts_exit_nonzero_with_the_count(services, tmp_path, caps
         ds = make_dataset(2, 10, seed=8)
         rc, out, err = replay(capsys, "--data", ds.save(tmp_path / "d.npz"), "--topic", t,
                               "--truth-out", tmp_path / "truth.jsonl")
-        assert rc == 1
+        assert rc == 3                          # Kafka refused them (too large): bad input
         assert "20 alert(s) and 0 truth record(s) not delivered" in err
         assert "too large" in err
         assert json.loads((tmp_path / "replay.json").read_text())["counts"]["alerts_undelivered"] == 20

@@ -135,6 +135,8 @@ def test_redis_out_of_memory_and_misconf_are_waited_out_with_an_alarm():
     assert alarm_of(in_pipeline) == "redis_misconf"
     assert transient_cause(oom) == transient_cause(misconf) == "redis"
     assert alarm_of(redis.exceptions.ResponseError("WRONGTYPE")) is None
+    # a wrong password is a ConnectionError to redis-py but no outage: it needs a person
+    assert transient_cause(redis.exceptions.AuthenticationError("invalid password")) is None
     assert transient_cause(redis.exceptions.ResponseError("WRONGTYPE")) is None
     clock = Clock()
     stop = FakeStop(clock)

@@ -128,3 +128,14 @@ def test_config_errors_mask_the_url(tmp_path):
     with pytest.raises(cfg.ConfigError) as ei:
         cfg.load(env={"ULENS_REDIS_URL": "http://:hunter2@redis.example.org/0"})
     assert "hunter2" not in str(ei.value) and "http://:***@redis.example.org/0" in str(ei.value)
+
+
+def test_an_unquoted_off_is_the_choice_off(tmp_path):
+    """YAML 1.1 reads `off` as false; where "off" is a choice it means that choice."""
+    import config as cfg
+
+    f = tmp_path / "c.yaml"
+    f.write_text("services:\n  redis_appendfsync: off\n")
+    assert cfg.load(f, env={}).services.redis_appendfsync == "off"
+    f.write_text("replay:\n  publish_truth: off\n")
+    assert cfg.load(f, env={}).replay.publish_truth is False
