@@ -177,6 +177,10 @@ class Broker:
         self.flood = FloodGuard(c.flood_window, c.flood_share)
         self.metrics_server = self.metrics.serve(metrics_port, c.metrics_host) if metrics_port else None
         self._delivery_errors: list = []
+        # each rejected message's headers, read once per batch: confluent-kafka caches a
+        # header list it failed to build (a name that is not UTF-8) with a NULL inside, and
+        # a second headers() call on that message (a batch retried) crashes the process
+        self._headers: dict[tuple, tuple] = {}
         pconf = producer_config(settings)
         self._message_timeout_s = pconf["message.timeout.ms"] / 1000.0
         self.producer = Producer(pconf)
@@ -245,6 +249,7 @@ class Broker:
                     msgs += self.consumer.consume(num_messages=want - 1, timeout=0)
                 now = time.monotonic()
                 if msgs:
+                    self._headers.clear()
                     self._retrying("batch", lambda: self.process(msgs))
                     idle_from = None
                 elif until_idle is not None:
@@ -498,7 +503,10 @@ class Broker:
         cb = self._on_delivery
         for i, rej in dead:
             m = msgs[i]
-            headers, unreadable = message_headers(m)
+            where = (m.topic(), m.partition(), m.offset())
+            if where not in self._headers:
+                self._headers[where] = message_headers(m)
+            headers, unreadable = self._headers[where]
             d = dead_letter(m.key(), m.value(), headers, rej.reason, rej.detail, m.topic(),
                             m.partition(), m.offset(), self.group, headers_error=unreadable)
             self.producer.produce(topics.dead_letter, key=d.key, value=d.value, headers=d.headers,

@@ -227,7 +227,9 @@ def append_outcomes(statuses: bytes, rows, points: Points, kept: list[int]
 
 def message_headers(msg) -> tuple[list, Optional[str]]:
     """A Kafka message's headers, or ([], why) when they cannot be read (a header name that
-    is not UTF-8 makes confluent-kafka's ``headers()`` raise)."""
+    is not UTF-8 makes confluent-kafka's ``headers()`` raise). Call it once per message:
+    after such a failure a second ``headers()`` returns a list holding a NULL, whose use
+    crashes the interpreter (the consumer keeps the first answer per batch)."""
     try:
         return list(msg.headers() or []), None
     except Exception as exc:
