@@ -232,7 +232,7 @@ class Broker:
         started = time.monotonic()
         idle_from: Optional[float] = None  # nothing read since then (counted once assigned)
         try:
-            if not self._subscribe(None if until_idle is None else until_idle + 60.0):
+            if not self._subscribed and not self.subscribe(None if until_idle is None else until_idle + 60.0):
                 return self.summary
             while not self._stop.is_set():
                 want = c.batch_size
@@ -272,7 +272,7 @@ class Broker:
             self.close()
         return self.summary
 
-    def _subscribe(self, give_up_after: Optional[float]) -> bool:
+    def subscribe(self, give_up_after: Optional[float] = None) -> bool:
         """Wait until the alert topic exists (a broker started before the replay, say), then
         subscribe. False when it did not appear within ``give_up_after`` s or a stop came."""
         waited, said = 0.0, -1e9

@@ -501,6 +501,7 @@ def test_restarted_consumer_reports_zero_lag_when_caught_up():
     settings = cfg.load(run.conf, env=clean_env())
     b = Broker(settings, load_model(settings, device="cpu"), topic=run.alerts, group=run.group)
     try:
+        assert b.subscribe(give_up_after=60)      # run() does it; this test polls by hand
         deadline = time.monotonic() + 60
         while not b.assigned.is_set() and time.monotonic() < deadline:
             assert b.consumer.consume(num_messages=1, timeout=0.5) == []
