@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -225,13 +226,20 @@ def append_outcomes(statuses: bytes, rows, points: Points, kept: list[int]
     return n_app, n_dup, dead
 
 
+_HEADERS = operator.methodcaller("headers")
+
+
 def message_headers(msg) -> tuple[list, Optional[str]]:
-    """A Kafka message's headers, or ([], why) when they cannot be read (a header name that
-    is not UTF-8 makes confluent-kafka's ``headers()`` raise). Call it once per message:
-    after such a failure a second ``headers()`` returns a list holding a NULL, whose use
-    crashes the interpreter (the consumer keeps the first answer per batch)."""
+    """A Kafka message's headers, or ([], why) when they cannot be read.
+
+    A header name that is not UTF-8 makes confluent-kafka's ``headers()`` return a list
+    holding a NULL with a UnicodeDecodeError set. Called from C (``methodcaller``), CPython
+    turns that into a SystemError; called as ``msg.headers()`` from Python, a call site
+    that the interpreter has specialised (3.11+, after a few calls) skips that check and
+    returns the broken list, whose use crashes the process. The list also stays cached in
+    the message: call this once per message (the consumer keeps the answer per batch)."""
     try:
-        return list(msg.headers() or []), None
+        return list(_HEADERS(msg) or []), None
     except Exception as exc:
         return [], f"{type(exc).__name__}: {exc}"
 

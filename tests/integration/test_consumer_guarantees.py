@@ -151,6 +151,39 @@ def test_a_header_name_that_is_not_utf8_is_dead_lettered(services, topics, redis
         assert h["dlq.headers.unreadable"].startswith(b"SystemError")
 
 
+@pytest.mark.skipif(shutil.which("kcat") is None, reason="kcat is installed by scripts/setup.sh")
+def test_reading_a_non_utf8_header_name_fails_cleanly_every_time(services, topics, tmp_path):
+    """Called as msg.headers() from Python, CPython's specialised call site (after a few
+    calls) skipped the error check, returned a list holding a NULL and the process crashed
+    (seen only in long runs): message_headers must refuse such headers on every call."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from broker.validate import message_headers
+
+    t = topics("raw")["raw"]
+    f = tmp_path / "v.bin"
+    f.write_bytes(b"x")
+    boot = services.kafka.client_config()["bootstrap.servers"]
+    subprocess.run(["kcat", "-b", boot, "-P", "-t", t, "-k", "1", "-H", b"\xff\xfe=1", str(f)],
+                   check=True, timeout=60)
+    c = Consumer({**services.kafka.client_config(), "group.id": unique("g"), "enable.auto.commit": False})
+    try:
+        c.assign([TopicPartition(t, 0, 0)])
+        seen = []
+        for _ in range(40):                 # well past the interpreter's specialisation warm-up
+            m = None
+            for _ in range(60):
+                m = c.poll(0.5)
+                if m is not None and m.error() is None:
+                    break
+            assert m is not None and m.error() is None
+            seen.append(message_headers(m))
+            c.seek(TopicPartition(t, 0, 0))
+    finally:
+        c.close()
+    assert all(h == [] and why.startswith("SystemError") for h, why in seen)
+
+
 # --- item 3: a save run twice ---------------------------------------------------------------
 @pytest.mark.parametrize("rule", ["tdcnn", "pspl-fit"])
 def test_every_trigger_is_produced_when_the_save_runs_twice(services, topics, redis_client, key_prefix,
