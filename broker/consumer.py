@@ -153,7 +153,9 @@ class Broker:
         self.metrics = Metrics()
         self.assigned = threading.Event()
         self._stop = threading.Event()
-        self._paused: set[tuple[str, int]] = set()
+        self._paused: set[tuple[str, int]] = set()   # paused while the current batch waits
+        self._resume_all = False                     # a rebalance since the broker last paused
+        self._ever_paused = False
         self.partitions: list[int] = []      # currently assigned partitions of the topic
         self.consumer = None
         client = redis if redis is not None else redis_client(settings)
@@ -192,6 +194,8 @@ class Broker:
 
     # --- lifecycle -------------------------------------------------------------------
     def _on_assign(self, consumer, partitions) -> None:
+        if self._ever_paused:
+            self._resume_all = True      # a partition paused before may come back paused
         self.partitions = sorted(p.partition for p in partitions)
         log.info("assigned %d partition(s) of %s: %s", len(partitions), self.topic, self.partitions)
         self._assigned_at = time.monotonic()
@@ -235,6 +239,8 @@ class Broker:
             if not self._subscribed and not self.subscribe(None if until_idle is None else until_idle + 60.0):
                 return self.summary
             while not self._stop.is_set():
+                if self._resume_all:         # a rebalance after a wait: nothing stays paused
+                    self._resume()
                 want = c.batch_size
                 if max_alerts is not None:
                     want = min(want, max_alerts - self.summary.alerts)
@@ -337,6 +343,7 @@ class Broker:
             if fresh:
                 self.consumer.pause(fresh)
                 self._paused |= {(tp.topic, tp.partition) for tp in fresh}
+                self._ever_paused = True
             m = self.consumer.poll(timeout)
         except KafkaException as exc:   # the broker away too: librdkafka reconnects by itself
             log.debug("poll while waiting: %s", exc)
@@ -356,20 +363,26 @@ class Broker:
                         m.offset(), exc)
         self.consumer.pause([TopicPartition(m.topic(), m.partition())])
         self._paused.add((m.topic(), m.partition()))
+        self._ever_paused = True
 
     def _resume(self) -> None:
-        from confluent_kafka import KafkaException, TopicPartition
+        """Resume every assigned partition once a wait is over. All of them, not only those
+        paused by name: a rebalance during an outage can take a paused partition away and
+        give it back (or the session may have been lost and the assignment empty when the
+        wait ended), and librdkafka may keep a partition's pause across that; a partition
+        left paused would never be read again."""
+        from confluent_kafka import KafkaException
 
-        if not self._paused or self.consumer is None:
+        if not (self._paused or self._resume_all) or self.consumer is None:
             return
-        owned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
-        again = [TopicPartition(t, p) for t, p in sorted(self._paused & owned)]
         self._paused.clear()
-        if again:
+        self._resume_all = False
+        parts = self.consumer.assignment()
+        if parts:
             try:
-                self.consumer.resume(again)
+                self.consumer.resume(parts)
             except KafkaException as exc:
-                log.warning("resuming %d partition(s): %s", len(again), exc)
+                log.warning("resuming %d partition(s): %s", len(parts), exc)
 
     # --- one batch -----------------------------------------------------------------
     def process(self, msgs: list) -> None:
