@@ -51,7 +51,8 @@ def mask_url(text: str) -> str:
     return _URL_QUERY_MASK.sub(r"\g<key>***", _URL_USERINFO.sub(userinfo, text))
 
 
-def _rng(lo=None, hi=None, choices=None):
+def rng(lo=None, hi=None, choices=None):
+    """Field metadata: the allowed range or choices of a value (checked by the loader)."""
     return {"lo": lo, "hi": hi, "choices": choices}
 
 
@@ -65,10 +66,10 @@ class Topics:
 
 @dataclass(frozen=True)
 class Partitions:
-    alerts: int = field(default=4, metadata=_rng(1, 1024))
-    triggers: int = field(default=1, metadata=_rng(1, 1024))
-    dead_letter: int = field(default=1, metadata=_rng(1, 1024))
-    truth: int = field(default=1, metadata=_rng(1, 1024))
+    alerts: int = field(default=4, metadata=rng(1, 1024))
+    triggers: int = field(default=1, metadata=rng(1, 1024))
+    dead_letter: int = field(default=1, metadata=rng(1, 1024))
+    truth: int = field(default=1, metadata=rng(1, 1024))
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,9 @@ class KafkaSettings:
     bootstrap_servers: str = "auto"
     security_protocol: str = field(
         default="PLAINTEXT",
-        metadata=_rng(choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")))
+        metadata=rng(choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")))
     sasl_mechanism: Optional[str] = field(
-        default=None, metadata=_rng(choices=(None, "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")))
+        default=None, metadata=rng(choices=(None, "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")))
     sasl_username: Optional[str] = None
     ssl_ca_location: Optional[str] = None
     topics: Topics = Topics()
@@ -111,11 +112,11 @@ class KafkaSettings:
 class RedisSettings:
     url: str = "auto"
     key_prefix: str = "ulens"
-    event_ttl_s: int = field(default=31_536_000, metadata=_rng(1, None))
-    trigger_ttl_s: int = field(default=94_608_000, metadata=_rng(1, None))
-    max_points: int = field(default=2000, metadata=_rng(16, 1_000_000))
+    event_ttl_s: int = field(default=31_536_000, metadata=rng(1, None))
+    trigger_ttl_s: int = field(default=94_608_000, metadata=rng(1, None))
+    max_points: int = field(default=2000, metadata=rng(16, 1_000_000))
     ssl_ca_certs: Optional[str] = None
-    socket_timeout_s: float = field(default=5.0, metadata=_rng(0.1, 3600.0))
+    socket_timeout_s: float = field(default=5.0, metadata=rng(0.1, 3600.0))
 
     def client_kwargs(self) -> dict:
         """Arguments for ``redis.Redis.from_url``; the password from the environment only."""
@@ -136,12 +137,12 @@ class ServicesSettings:
     state_dir: str = "~/.local/state/ulens"
     cache_dir: str = "~/.cache/ulens"
     kafka_version: str = "4.1.1"
-    kafka_port: int = field(default=9092, metadata=_rng(1, 65535))
-    kafka_controller_port: int = field(default=9093, metadata=_rng(1, 65535))
-    kafka_heap_mb: int = field(default=768, metadata=_rng(128, 65536))
-    redis_port: int = field(default=6379, metadata=_rng(1, 65535))
-    redis_appendfsync: str = field(default="everysec", metadata=_rng(choices=("always", "everysec", "off")))
-    start_timeout_s: float = field(default=90.0, metadata=_rng(1, 3600))
+    kafka_port: int = field(default=9092, metadata=rng(1, 65535))
+    kafka_controller_port: int = field(default=9093, metadata=rng(1, 65535))
+    kafka_heap_mb: int = field(default=768, metadata=rng(128, 65536))
+    redis_port: int = field(default=6379, metadata=rng(1, 65535))
+    redis_appendfsync: str = field(default="everysec", metadata=rng(choices=("always", "everysec", "off")))
+    start_timeout_s: float = field(default=90.0, metadata=rng(1, 3600))
 
     @property
     def state_path(self) -> Path:
@@ -170,20 +171,20 @@ class ModelSettings:
 @dataclass(frozen=True)
 class PsplFitSettings:
     """The classical rule (``consumer.rule: pspl-fit | both``): see ``training.psplfit``."""
-    threshold: float = field(default=13.2, metadata=_rng(1.0, 1e9))
-    min_points: int = field(default=12, metadata=_rng(8, 100_000))
-    window_min: int = field(default=2, metadata=_rng(1, 256))
-    window_max: int = field(default=32, metadata=_rng(1, 256))
-    active_sigma: float = field(default=1.5, metadata=_rng(0.0, 1000.0))
-    event_dchi2: float = field(default=50.0, metadata=_rng(0.0, 1e9))
-    robust_c: float = field(default=2.0, metadata=_rng(0.1, 100.0))
-    fs_max: float = field(default=1.25, metadata=_rng(1.0, 100.0))
-    steps_per_point: int = field(default=1, metadata=_rng(1, 10))
-    refit_level: float = field(default=10.0, metadata=_rng(1.0, 1e9))
-    refit_cooldown: int = field(default=4, metadata=_rng(1, 100_000))
-    restart_growth: float = field(default=1.25, metadata=_rng(1.01, 100.0))
-    restart_keep: int = field(default=3, metadata=_rng(1, 64))
-    restart_iter: int = field(default=8, metadata=_rng(1, 100))
+    threshold: float = field(default=13.2, metadata=rng(1.0, 1e9))
+    min_points: int = field(default=12, metadata=rng(8, 100_000))
+    window_min: int = field(default=2, metadata=rng(1, 256))
+    window_max: int = field(default=32, metadata=rng(1, 256))
+    active_sigma: float = field(default=1.5, metadata=rng(0.0, 1000.0))
+    event_dchi2: float = field(default=50.0, metadata=rng(0.0, 1e9))
+    robust_c: float = field(default=2.0, metadata=rng(0.1, 100.0))
+    fs_max: float = field(default=1.25, metadata=rng(1.0, 100.0))
+    steps_per_point: int = field(default=1, metadata=rng(1, 10))
+    refit_level: float = field(default=10.0, metadata=rng(1.0, 1e9))
+    refit_cooldown: int = field(default=4, metadata=rng(1, 100_000))
+    restart_growth: float = field(default=1.25, metadata=rng(1.01, 100.0))
+    restart_keep: int = field(default=3, metadata=rng(1, 64))
+    restart_iter: int = field(default=8, metadata=rng(1, 100))
 
     def __post_init__(self):
         if self.window_min > self.window_max:
@@ -200,22 +201,22 @@ RULES = ("tdcnn", "pspl-fit", "both")
 @dataclass(frozen=True)
 class ConsumerSettings:
     group: str = "ulens-broker"
-    batch_size: int = field(default=2000, metadata=_rng(1, 1_000_000))
-    poll_timeout_s: float = field(default=0.5, metadata=_rng(0.0, 60.0))
-    rule: str = field(default="tdcnn", metadata=_rng(choices=RULES))
-    threshold: Optional[float] = field(default=None, metadata=_rng(0.0, 1.0))
-    min_points: int = field(default=10, metadata=_rng(1, 100_000))
-    device: str = field(default="auto", metadata=_rng(choices=("auto", "cpu", "cuda")))
-    torch_threads: int = field(default=1, metadata=_rng(1, 256))
-    log_interval_s: float = field(default=5.0, metadata=_rng(0.1, 3600))
-    metrics_port: Optional[int] = field(default=None, metadata=_rng(1, 65535))
+    batch_size: int = field(default=2000, metadata=rng(1, 1_000_000))
+    poll_timeout_s: float = field(default=0.5, metadata=rng(0.0, 60.0))
+    rule: str = field(default="tdcnn", metadata=rng(choices=RULES))
+    threshold: Optional[float] = field(default=None, metadata=rng(0.0, 1.0))
+    min_points: int = field(default=10, metadata=rng(1, 100_000))
+    device: str = field(default="auto", metadata=rng(choices=("auto", "cpu", "cuda")))
+    torch_threads: int = field(default=1, metadata=rng(1, 256))
+    log_interval_s: float = field(default=5.0, metadata=rng(0.1, 3600))
+    metrics_port: Optional[int] = field(default=None, metadata=rng(1, 65535))
     metrics_host: str = "127.0.0.1"
-    session_timeout_s: float = field(default=45.0, metadata=_rng(1.0, 3600.0))
-    max_poll_interval_s: float = field(default=300.0, metadata=_rng(1.0, 86_400.0))
-    retry_for_s: float = field(default=600.0, metadata=_rng(0.0, 86_400.0))
-    future_margin_s: Optional[float] = field(default=3600.0, metadata=_rng(0.0, None))
-    flood_window: int = field(default=1000, metadata=_rng(0, 10_000_000))
-    flood_share: float = field(default=0.5, metadata=_rng(0.0, 1.0))
+    session_timeout_s: float = field(default=45.0, metadata=rng(1.0, 3600.0))
+    max_poll_interval_s: float = field(default=300.0, metadata=rng(1.0, 86_400.0))
+    retry_for_s: float = field(default=600.0, metadata=rng(0.0, 86_400.0))
+    future_margin_s: Optional[float] = field(default=3600.0, metadata=rng(0.0, None))
+    flood_window: int = field(default=1000, metadata=rng(0, 10_000_000))
+    flood_share: float = field(default=0.5, metadata=rng(0.0, 1.0))
     pspl_fit: PsplFitSettings = PsplFitSettings()
 
     def __post_init__(self):
@@ -232,11 +233,11 @@ class ConsumerSettings:
 @dataclass(frozen=True)
 class ReplaySettings:
     speed: Union[float, str] = "max"
-    rate: Optional[float] = field(default=None, metadata=_rng(0.001, None))
-    start_mjd: float = field(default=57000.0, metadata=_rng(0.0, 100_000.0))
-    history_points: int = field(default=0, metadata=_rng(0, 10_000))
+    rate: Optional[float] = field(default=None, metadata=rng(0.001, None))
+    start_mjd: float = field(default=57000.0, metadata=rng(0.0, 100_000.0))
+    history_points: int = field(default=0, metadata=rng(0, 10_000))
     detections_only: bool = False
-    snr_threshold: float = field(default=5.0, metadata=_rng(0.0, None))
+    snr_threshold: float = field(default=5.0, metadata=rng(0.0, None))
     publish_truth: bool = False
 
 
@@ -297,6 +298,24 @@ def _check_value(key: str, tp: Any, value: Any, meta: dict, src: str) -> Any:
     return value
 
 
+def _dict_of_dataclass(tp) -> bool:
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) is dict and len(args) == 2 and dataclasses.is_dataclass(args[1])
+
+
+def build(cls, data: Any, src: str):
+    """A frozen dataclass ``cls`` from a mapping, as strictly as the configuration: unknown
+    keys, wrong types and out-of-range values (field metadata ``_rng``) raise ConfigError
+    naming the key and ``src``; ``dict[str, Dataclass]`` fields are mappings of those. For
+    other parts' data files (the survey profiles)."""
+    return _build(cls, data, "", src, cls())
+
+
+def read_yaml(path) -> dict:
+    """A YAML mapping from ``path`` (ConfigError naming the file when it cannot be read)."""
+    return _read_yaml(Path(path))
+
+
 def _build(cls, data: Any, prefix: str, src: str, base):
     """Build dataclass ``cls`` from mapping ``data`` over instance ``base``."""
     if not isinstance(data, dict):
@@ -316,6 +335,12 @@ def _build(cls, data: Any, prefix: str, src: str, base):
             values[name] = current
         elif dataclasses.is_dataclass(hints[name]):
             values[name] = _build(hints[name], data[name], key, src, current)
+        elif _dict_of_dataclass(hints[name]):
+            item = typing.get_args(hints[name])[1]
+            if not isinstance(data[name], dict) or not data[name]:
+                raise ConfigError(f"{src}: {key} must be a non-empty mapping of names to settings")
+            values[name] = {str(k): _build(item, v, f"{key}.{k}", src, item())
+                            for k, v in data[name].items()}
         else:
             values[name] = _check_value(key, hints[name], data[name], dict(f.metadata), src)
     try:

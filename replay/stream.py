@@ -10,13 +10,14 @@ Formats the broker and the report depend on (keep them stable):
   ``diaObjectId`` <= MAX_OBJECT_ID = 92,233,720,368,546 keep the id below 2**63.
 * Kafka key = ``str(diaObjectId).encode("ascii")`` (decimal digits, no padding).
 * ``midpointMjdTai`` = ``start_mjd + time`` (dataset day axis); archival: the file's MJD.
-* ``scienceFlux``, ``scienceFluxErr`` = :func:`training.photometry.mag_to_njy` of
-  ``mag``, ``mag_err`` (total flux: source + blend, magnified).
-* ``psfFlux`` = ``scienceFlux - template`` with template = ``mag_to_njy(baseline_mag)``:
-  a *simulated* difference image whose template is the unmagnified source + blend;
-  ``psfFluxErr`` = ``scienceFluxErr`` (the template is taken as noiseless).
-* ``band`` = ``"i"``; ``ra``/``dec``: a deterministic position per event in a bulge
-  field, :func:`sky_positions`.
+* ``scienceFlux``, ``scienceFluxErr``, ``psfFlux``, ``psfFluxErr``, ``band``: a dataset's
+  own per-visit fluxes and bands (``training.dataset``: a survey profile's difference
+  imaging, with its template noise; for the thesis survey and archival files, derived from
+  the magnitudes: scienceFlux = :func:`training.photometry.mag_to_njy` of ``mag``, psfFlux =
+  scienceFlux - a noiseless template at the baseline, band ``"i"``).
+* ``ra``/``dec``: a deterministic position per event in a bulge field, :func:`sky_positions`.
+* ``--detections-only`` sends the visits the survey marks detected (Rubin: a 5-sigma
+  difference-image detection); archival files use ``|psfFlux| / psfFluxErr >= snr``.
 * ``prvDiaSources``: with history N > 0, the event's previous N *sent* points (oldest
   first; with detections-only these are previous detections, as in Rubin's packet);
   ``[]`` for the first one; ``null`` when history is off.
@@ -117,6 +118,10 @@ class LightCurves:
     params: dict = field(default_factory=dict)  # name -> float64 (N,)
     start_mjd: Optional[float] = None           # MJD of the dataset's day 0 (None: archival)
     names: Optional[list] = None                # per-event origin (archival file names)
+    # a dataset's per-visit data (None: derived from the magnitudes, band i)
+    band: Optional[np.ndarray] = None           # (P,) band names
+    fluxes: Optional[tuple] = None              # (P,) x 4: scienceFlux, its error, psfFlux, its error
+    detected: Optional[np.ndarray] = None       # (P,) bool: the survey's alerts
 
     @property
     def n_events(self) -> int:
@@ -147,9 +152,13 @@ class LightCurves:
                               f"more than the {MAX_POINTS_PER_EVENT} a diaSourceId can number")
         if not np.all(np.isfinite(self.mjd)):
             raise ReplayError(f"{src}: non-finite observation times")
-        if not np.all(np.isfinite(self.mag)) or not np.all(np.isfinite(self.mag_err)) \
-                or np.any(self.mag_err <= 0):
+        if self.fluxes is None and (not np.all(np.isfinite(self.mag)) or not np.all(np.isfinite(self.mag_err))
+                                    or np.any(self.mag_err <= 0)):
             raise ReplayError(f"{src}: magnitudes must be finite with finite positive errors")
+        for name in ("band", "detected"):
+            a = getattr(self, name)
+            if a is not None and len(a) != p:
+                raise ReplayError(f"{src}: {name} has length {len(a)}, time has {p}")
         if not np.all(np.isfinite(self.baseline_mag)):
             raise ReplayError(f"{src}: baseline_mag must be finite")
         if p > 1:
@@ -173,19 +182,27 @@ class LightCurves:
             baseline_mag=self.baseline_mag[:n_events], source=self.source,
             label=None if self.label is None else self.label[:n_events],
             params={k_: v[:n_events] for k_, v in self.params.items()},
-            start_mjd=self.start_mjd, names=None if self.names is None else self.names[:n_events])
+            start_mjd=self.start_mjd, names=None if self.names is None else self.names[:n_events],
+            band=None if self.band is None else self.band[:k],
+            fluxes=None if self.fluxes is None else tuple(f[:k] for f in self.fluxes),
+            detected=None if self.detected is None else self.detected[:k])
 
 
 def from_dataset(ds: Dataset, start_mjd: float, source: str = "dataset") -> LightCurves:
     """Light curves of a (validated) dataset, its day axis mapped to MJD = start_mjd + time."""
     if not math.isfinite(start_mjd):
         raise ReplayError(f"start MJD must be finite, got {start_mjd}")
+    from training.survey import BAND_NAMES
+
     return LightCurves(
         object_id=np.asarray(ds.event_id, dtype=np.int64), offsets=np.asarray(ds.offsets, np.int64),
         mjd=start_mjd + np.asarray(ds.time, dtype=np.float64), mag=ds.mag, mag_err=ds.mag_err,
         baseline_mag=np.asarray(ds.params["baseline_mag"], dtype=np.float64), source=source,
         label=np.asarray(ds.label), params={k: np.asarray(ds.params[k], np.float64) for k in PARAM_FIELDS},
-        start_mjd=float(start_mjd))
+        start_mjd=float(start_mjd), band=np.asarray(BAND_NAMES, dtype=object)[ds.band],
+        fluxes=tuple(np.asarray(getattr(ds, k), dtype=np.float64)
+                     for k in ("sci_flux", "sci_flux_err", "diff_flux", "diff_flux_err")),
+        detected=np.asarray(ds.detected, dtype=bool))
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -227,13 +244,13 @@ class Plan:
         n_hist = self.history
         prv = start = None
         if n_hist:
-            prv = [{"diaSourceId": a, "midpointMjdTai": b, "band": BAND, "psfFlux": d,
+            prv = [{"diaSourceId": a, "midpointMjdTai": b, "band": bd, "psfFlux": d,
                     "psfFluxErr": e, "scienceFlux": f, "scienceFluxErr": g}
-                   for a, b, d, e, f, g in zip(*(c[k].tolist() for k in (
-                       "diaSourceId", "midpointMjdTai", "psfFlux", "psfFluxErr", "scienceFlux",
+                   for a, b, bd, d, e, f, g in zip(*(c[k].tolist() for k in (
+                       "diaSourceId", "midpointMjdTai", "band", "psfFlux", "psfFluxErr", "scienceFlux",
                        "scienceFluxErr")))]
             start = self.sel_start.tolist()
-        names = ("diaSourceId", "midpointMjdTai", "psfFlux", "psfFluxErr", "scienceFlux",
+        names = ("diaSourceId", "midpointMjdTai", "band", "psfFlux", "psfFluxErr", "scienceFlux",
                  "scienceFluxErr")
         for lo in range(0, self.n_alerts, chunk):
             o = self.order[lo:lo + chunk]
@@ -244,17 +261,17 @@ class Plan:
             obj = self.lc.object_id[ev].tolist()
             ra, dec = ra_ev[ev].tolist(), dec_ev[ev].tolist()
             if not n_hist:
-                for key, sid, oid, m, r, d, psf, pe, sci, se in zip(keys, cols[0], obj, cols[1], ra,
-                                                                    dec, *cols[2:]):
+                for key, sid, oid, m, bd, r, d, psf, pe, sci, se in zip(keys, cols[0], obj, cols[1], cols[2],
+                                                                        ra, dec, *cols[3:]):
                     yield key, m, {
-                        "diaSourceId": sid, "diaObjectId": oid, "midpointMjdTai": m, "band": BAND,
+                        "diaSourceId": sid, "diaObjectId": oid, "midpointMjdTai": m, "band": bd,
                         "ra": r, "dec": d, "psfFlux": psf, "psfFluxErr": pe, "scienceFlux": sci,
                         "scienceFluxErr": se, "alertProducedUs": 0, "prvDiaSources": None}
             else:
-                for g, key, sid, oid, m, r, d, psf, pe, sci, se in zip(
-                        o.tolist(), keys, cols[0], obj, cols[1], ra, dec, *cols[2:]):
+                for g, key, sid, oid, m, bd, r, d, psf, pe, sci, se in zip(
+                        o.tolist(), keys, cols[0], obj, cols[1], cols[2], ra, dec, *cols[3:]):
                     yield key, m, {
-                        "diaSourceId": sid, "diaObjectId": oid, "midpointMjdTai": m, "band": BAND,
+                        "diaSourceId": sid, "diaObjectId": oid, "midpointMjdTai": m, "band": bd,
                         "ra": r, "dec": d, "psfFlux": psf, "psfFluxErr": pe, "scienceFlux": sci,
                         "scienceFluxErr": se, "alertProducedUs": 0,
                         "prvDiaSources": ("array", prv[max(start[g], g - n_hist):g])
@@ -271,9 +288,14 @@ def plan(lc: LightCurves, *, history: int = 0, detections_only: bool = False,
     lens = np.diff(lc.offsets)
     event_of_point = np.repeat(np.arange(n, dtype=np.int64), lens)
     index_in_event = np.arange(p, dtype=np.int64) - np.repeat(lc.offsets[:-1], lens)
-    sci, sci_err, psf, psf_err = fluxes(lc.mag, lc.mag_err, lc.baseline_mag[event_of_point])
+    if lc.fluxes is not None:
+        sci, sci_err, psf, psf_err = lc.fluxes
+    else:
+        sci, sci_err, psf, psf_err = fluxes(lc.mag, lc.mag_err, lc.baseline_mag[event_of_point])
+    band = lc.band if lc.band is not None else np.full(p, BAND, dtype=object)
     if detections_only:
-        keep = np.flatnonzero(np.abs(psf) >= snr_threshold * psf_err)
+        det = lc.detected if lc.detected is not None else np.abs(psf) >= snr_threshold * psf_err
+        keep = np.flatnonzero(det)
     else:
         keep = np.arange(p, dtype=np.int64)
     sel_event = event_of_point[keep]
@@ -285,7 +307,7 @@ def plan(lc: LightCurves, *, history: int = 0, detections_only: bool = False,
     columns = {
         "diaSourceId": source_ids(lc.object_id[sel_event], index_in_event[keep]),
         "midpointMjdTai": mjd_sel, "psfFlux": psf[keep], "psfFluxErr": psf_err[keep],
-        "scienceFlux": sci[keep], "scienceFluxErr": sci_err[keep]}
+        "scienceFlux": sci[keep], "scienceFluxErr": sci_err[keep], "band": band[keep]}
     return Plan(lc=lc, history=int(history), order=order, sel_point=keep, sel_event=sel_event,
                 sel_start=sel_start, mjd=mjd_sel[order], event=sel_event[order], columns=columns)
 

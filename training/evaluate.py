@@ -203,7 +203,8 @@ def evaluate(model_dir, data, split: str = "test", early_detection: bool = True,
 
     model_dir, data_path = Path(model_dir), Path(data)
     art = load_artifact(model_dir, device=device)  # ArtifactError names the file (no TF32 on cuda)
-    ds = dataset_mod.load(data_path)               # DatasetError names the file
+    # the TD-CNN reads magnitudes: a visit that measured no flux (a faint band) has none
+    ds = dataset_mod.load(data_path).magnitudes_only()               # DatasetError names the file
     events, chosen = select_events(model_dir, art.card, data_path, ds, split)
     if len(events) == 0:
         raise EvaluateError(f"{data_path}: no events to evaluate")

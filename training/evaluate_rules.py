@@ -108,7 +108,7 @@ def evaluate_pspl_fit(data, params: psplfit.Params, output, early_detection: boo
     from training.train import file_sha256
 
     data_path = Path(data)
-    ds = dataset_mod.load(data_path)
+    ds = dataset_mod.load(data_path).magnitudes_only()   # the rule reads magnitudes
     events = np.arange(ds.n_events)
     if not len(events):
         raise EvaluateError(f"{data_path}: no events to evaluate")
@@ -144,7 +144,7 @@ def compare(model_dir, data, params: psplfit.Params, output, rate: float = 0.05,
 
     model_dir, data_path = Path(model_dir), Path(data)
     art = load_artifact(model_dir, device=device)
-    ds = dataset_mod.load(data_path)
+    ds = dataset_mod.load(data_path).magnitudes_only()   # the rule reads magnitudes
     events, chosen = select_events(model_dir, art.card, data_path, ds, "test")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)

@@ -71,8 +71,10 @@ from pathlib import Path
 
 import numpy as np
 
-from training import detectability, physics
+from training import detectability, physics, pspl_bands
+from training import survey as sv
 from training.dataset import PARAM_FIELDS, Dataset
+from training.photometry import njy_to_mag
 
 HELP = "simulate PSPL and binary-lens light curves into a dataset (.npz)"
 
@@ -144,8 +146,15 @@ WIDE_SHARED_PRIORS = {"u0": U(0.001, 1.0), "tE": LogU(5.0, 250.0), "fs": LogU(0.
 SHARED_PRIORS = ("set", "wide")
 
 
+# Detectability onset: the first visit at which the cumulative chi^2 of the best PSPL fit
+# (to the whole noise-free binary curve) reaches this; 160 is the Delta chi^2 of Penny et
+# al. 2019 (after Bennett & Rhie 2002) for a detection, and the threshold `detectable` uses.
+ONSET_DCHI2 = 160.0
+
+
 @dataclass(frozen=True)
 class SimulationConfig:
+    survey: str = "thesis"              # training/surveys/<name>.yaml, or a profile file
     parameter_set: str = "baseline"
     seed: int = 0
     cadence_mask_prob: float = 0.2
@@ -157,7 +166,15 @@ class SimulationConfig:
     def __post_init__(self):
         self.validate()
 
+    @property
+    def profile(self) -> "sv.Profile":
+        return sv.load_profile(self.survey)
+
     def validate(self) -> None:
+        try:
+            self.profile
+        except sv.SurveyError as exc:
+            raise SimulationError(str(exc)) from None
         if self.parameter_set not in PARAMETER_SETS:
             raise SimulationError(f"unknown binary parameter set {self.parameter_set!r}; "
                                   f"choose from {', '.join(PARAMETER_SETS)}")
@@ -215,19 +232,46 @@ def draw_parameters(rng: np.random.Generator, kind: int, config: SimulationConfi
     the same priors; binaries then draw s, q, alpha, rho."""
     priors = PARAMETER_SETS[config.parameter_set]
     shared = shared_priors(config, kind)
-    p = {"t0": T0_PRIOR.draw(rng), "tE": shared["tE"].draw(rng), "u0": shared["u0"].draw(rng),
+    prof = config.profile
+    t0_prior = T0_PRIOR if prof.kind == "grid" else U(*sv.t0_range(prof))
+    p = {"t0": t0_prior.draw(rng), "tE": shared["tE"].draw(rng), "u0": shared["u0"].draw(rng),
          "baseline_mag": BASELINE_MAG_PRIOR.draw(rng), "fs": shared["fs"].draw(rng)}
+    if prof.kind != "grid":     # colours and extinction, drawn alike for both classes
+        p.update(source_gi=U(prof.source_gi_min, prof.source_gi_max).draw(rng),
+                 blend_gi=U(prof.blend_gi_min, prof.blend_gi_max).draw(rng),
+                 extinction=U(prof.extinction_min, prof.extinction_max).draw(rng))
+    # Survey profiles draw a lens for both classes (PSPL events then forget it), so that the
+    # visits, templates and noise that follow come from the same place in the stream; the
+    # thesis grid keeps its original draws (its data keep their bits).
+    if kind == BINARY or prof.kind != "grid":
+        lens = dict(s=priors["s"].draw(rng), q=priors["q"].draw(rng),
+                    alpha=ALPHA_PRIOR.draw(rng), rho=priors["rho"].draw(rng))
     if kind == BINARY:
-        p.update(s=priors["s"].draw(rng), q=priors["q"].draw(rng),
-                 alpha=ALPHA_PRIOR.draw(rng), rho=priors["rho"].draw(rng))
+        p.update(lens)
     else:
         p.update(s=math.nan, q=math.nan, alpha=math.nan, rho=math.nan)
     return p
 
 
+def onset(t: np.ndarray, chi2_per_point: np.ndarray, threshold: float = ONSET_DCHI2) -> tuple[float, int]:
+    """(time, index) of the first point at which the cumulative chi^2 reaches ``threshold``;
+    (NaN, -1) when it never does. The points are in time order."""
+    c = np.cumsum(chi2_per_point)
+    hit = np.flatnonzero(c >= threshold)
+    return (float(t[hit[0]]), int(hit[0])) if len(hit) else (math.nan, -1)
+
+
 def simulate_event(kind: int, index: int, config: SimulationConfig) -> dict:
-    """Simulate one event; returns its epochs (indices into EPOCHS), magnitudes,
-    parameters (PARAM_FIELDS order) and the number of failed binary computations."""
+    """Simulate one event through the config's survey; returns its times, magnitudes,
+    parameters (PARAM_FIELDS order), the number of failed binary computations and, for
+    every survey but the thesis grid, the per-visit survey data (bands, fluxes, ...)."""
+    if config.profile.kind == "grid":
+        return _grid_event(kind, index, config)
+    return _survey_event(kind, index, config)
+
+
+def _grid_event(kind: int, index: int, config: SimulationConfig) -> dict:
+    """The thesis' survey (unchanged draws: the same seed gives the same bits)."""
     rng = event_rng(config.seed, kind, index)
     while True:
         keep = np.flatnonzero(rng.random(N_EPOCHS) >= config.cadence_mask_prob)
@@ -254,16 +298,80 @@ def simulate_event(kind: int, index: int, config: SimulationConfig) -> dict:
     F = physics.flux(A, p["fs"])
     mag_model = physics.flux_to_mag(F, p["baseline_mag"])
     mag = mag_model + rng.normal(0.0, config.mag_error_std, t.size)
+    p["onset"], p["onset_index"] = math.nan, -1
     if kind == BINARY:
         fit = detectability.detectability(t, F, config.mag_error_std,
                                           true_params=(p["t0"], p["u0"], p["tE"]))
         mag_pspl = physics.flux_to_mag(np.maximum(fit.flux(t), 1e-12), p["baseline_mag"])
         p["dchi2"] = fit.chi2
+        sigma = physics.mag_err_to_flux_err(F, config.mag_error_std)
+        p["onset"], p["onset_index"] = onset(t, np.square((F - fit.flux(t)) / sigma))
     else:
         mag_pspl = mag_model
         p["dchi2"] = math.nan
-    return {"keep": keep.astype(np.int16), "mag": mag, "mag_model": mag_model,
+    return {"time": t, "mag": mag, "mag_model": mag_model,
             "mag_pspl": mag_pspl, "params": [p[k] for k in PARAM_FIELDS], "failures": failures}
+
+
+def _magnification(kind: int, t: np.ndarray, p: dict, config: SimulationConfig):
+    """A(t), or None when VBMicrolensing fails for these parameters."""
+    if kind == PSPL:
+        return physics.pspl_magnification(t, p["t0"], p["u0"], p["tE"])
+    try:
+        A = physics.binary_magnification(t, p["t0"], p["u0"], p["tE"], p["s"], p["q"],
+                                         p["alpha"], p["rho"], tol=config.vbm_tol)
+    except physics.MagnificationError:
+        return None
+    return A if A.shape == t.shape and np.all(np.isfinite(A)) and np.all(A > 0) else None
+
+
+def _survey_event(kind: int, index: int, config: SimulationConfig) -> dict:
+    """One event through a survey profile (training.survey). Draw order: parameters (both
+    classes alike; binaries then their lens), the visits, the templates and the noise. A
+    draw whose window holds fewer than MIN_POINTS visits (Roman, t0 between seasons), or
+    whose binary magnification fails, is drawn again from the event's own stream."""
+    prof = config.profile
+    rng = event_rng(config.seed, kind, index)
+    failures = 0
+    while True:
+        p = draw_parameters(rng, kind, config)
+        v = sv.visits(prof, rng, p["t0"], p["tE"])
+        if len(v.time) < MIN_POINTS:
+            failures += 1
+        else:
+            A = _magnification(kind, v.time, p, config)
+            if A is not None:
+                break
+            failures += 1
+        if failures >= MAX_FAILURES_PER_EVENT:
+            raise RuntimeError(f"event {index} of kind {kind} (seed {config.seed}, survey {prof.name}): "
+                               f"{failures} draws in a row unobserved or failed; last parameters {p}")
+    src, blend = sv.band_magnitudes(prof, p["baseline_mag"], p["fs"], p["source_gi"], p["blend_gi"],
+                                    p["extinction"])
+    obs = sv.observe(prof, rng, v, A, src, blend)
+    # the magnitudes from the fluxes as stored (float32) and as the broker converts them
+    sci, sci_err = obs.sci_flux.astype(np.float32), obs.sci_flux_err.astype(np.float32)
+    pos = sci > 0
+    mag, mag_err = np.full(len(sci), np.nan), np.full(len(sci), np.nan)
+    mag[pos], mag_err[pos] = njy_to_mag(sci[pos].astype(np.float64), sci_err[pos].astype(np.float64))
+    mag_model = njy_to_mag(obs.flux_model)
+    p["onset"], p["onset_index"] = math.nan, -1
+    if kind == BINARY:
+        fit = pspl_bands.fit_pspl_bands(v.time, obs.flux_model, obs.diff_flux_err, v.band,
+                                        true_params=(p["t0"], p["u0"], p["tE"]))
+        model = fit.flux(v.time, v.band)
+        mag_pspl = njy_to_mag(np.maximum(model, 1e-12))
+        p["dchi2"] = fit.chi2
+        p["onset"], p["onset_index"] = onset(v.time, np.square((obs.flux_model - model) / obs.diff_flux_err))
+    else:
+        mag_pspl = mag_model
+        p["dchi2"] = math.nan
+    return {"time": v.time, "mag": mag, "mag_err": mag_err, "mag_model": mag_model, "mag_pspl": mag_pspl,
+            "params": [p[k] for k in PARAM_FIELDS], "failures": failures,
+            "band": np.array([sv.BAND_CODE[prof.band_names[b]] for b in v.band], dtype=np.uint8),
+            "sci_flux": sci, "sci_flux_err": sci_err, "diff_flux": obs.diff_flux,
+            "diff_flux_err": obs.diff_flux_err, "detected": obs.detected, "m5": v.m5,
+            "source_mag": src, "blend_mag": blend}
 
 
 def _limit_threads():
@@ -286,15 +394,27 @@ def simulate_chunk(kind: int, start: int, stop: int, config: SimulationConfig) -
     finally:
         if limiter is not None:
             limiter.restore_original_limits()
-    return {
+    out = {
         "kind": kind, "start": start,
-        "lengths": np.array([e["keep"].size for e in events], dtype=np.int64),
-        "keep": np.concatenate([e["keep"] for e in events]),
+        "lengths": np.array([e["time"].size for e in events], dtype=np.int64),
+        "time": np.concatenate([e["time"] for e in events]),
         **{k: np.concatenate([e[k] for e in events]).astype(np.float32)
            for k in ("mag", "mag_model", "mag_pspl")},
         "params": np.array([e["params"] for e in events], dtype=np.float64).reshape(-1, len(PARAM_FIELDS)),
         "failures": int(sum(e["failures"] for e in events)),
     }
+    if "band" in events[0]:               # a survey profile: its visit data
+        for k in SURVEY_POINT_FIELDS:
+            out[k] = np.concatenate([e[k] for e in events])
+        for k in ("source_mag", "blend_mag"):
+            out[k] = np.stack([e[k] for e in events])
+    return out
+
+
+# per-visit survey data (training.survey.observe) and their dtypes in the dataset
+SURVEY_POINT_FIELDS = {"mag_err": np.float32, "band": np.uint8, "sci_flux": np.float32,
+                       "sci_flux_err": np.float32, "diff_flux": np.float32,
+                       "diff_flux_err": np.float32, "detected": bool, "m5": np.float32}
 
 
 def _run_task(task) -> dict:
@@ -388,8 +508,9 @@ def simulate(n_pspl: int, n_binary: int, config: SimulationConfig | None = None,
     index = np.concatenate([np.arange(r["start"], r["start"] + len(r["lengths"])) for r in parts])
     params = np.concatenate([r["params"] for r in parts])
     starts = np.concatenate([[0], np.cumsum(lengths)])
-    keep = np.concatenate([r["keep"] for r in parts]).astype(np.int64)
-    point = {k: np.concatenate([r[k] for r in parts]) for k in ("mag", "mag_model", "mag_pspl")}
+    point = {k: np.concatenate([r[k] for r in parts]) for k in ("time", "mag", "mag_model", "mag_pspl")}
+    prof = config.profile
+    survey_data = prof.kind != "grid"
 
     order = np.random.default_rng([int(config.seed), ORDER_STREAM]).permutation(len(lengths))
     lens = lengths[order]
@@ -431,11 +552,30 @@ def simulate(n_pspl: int, n_binary: int, config: SimulationConfig | None = None,
         "command": command,
         "versions": _versions(),
     }
-    ds = Dataset(offsets=offsets, time=EPOCHS[keep[take]], mag=point["mag"][take],
-                 mag_err=np.full(len(take), config.mag_error_std, dtype=np.float32),
+    extra = {}
+    if survey_data:
+        extra = {k: np.concatenate([r[k] for r in parts]).astype(dt)[take]
+                 for k, dt in SURVEY_POINT_FIELDS.items()}
+        extra.update({k: np.concatenate([r[k] for r in parts])[order] for k in ("source_mag", "blend_mag")})
+        meta["cadence"] = {"survey": prof.name, "kind": prof.kind, "min_points": MIN_POINTS}
+        meta["priors"]["shared"]["t0"] = U(*sv.t0_range(prof)).describe() + " d"
+        meta["priors"]["shared"].update({
+            "source (g-i)_0": U(prof.source_gi_min, prof.source_gi_max).describe(),
+            "blend (g-i)_0": U(prof.blend_gi_min, prof.blend_gi_max).describe(),
+            "extinction A_i": U(prof.extinction_min, prof.extinction_max).describe()})
+        meta["detectability"] = ("dchi2 = chi2 of the best PSPL fit (t0, u0, tE shared; per band a "
+                                 "source flux >= 0 and a blend flux in closed form) to the noise-free "
+                                 "fluxes on the event's visits under their difference-flux errors")
+        meta.pop("cadence_mask_prob")
+        meta.pop("mag_error_std")
+    else:
+        extra["mag_err"] = np.full(len(take), config.mag_error_std, dtype=np.float32)
+    meta.update(survey=prof.describe(), bands=list(prof.band_names), onset_dchi2=ONSET_DCHI2,
+                onset="first visit at which the cumulative chi2 of that best PSPL fit reaches onset_dchi2")
+    ds = Dataset(offsets=offsets, time=point["time"][take], mag=point["mag"][take],
                  mag_model=point["mag_model"][take], mag_pspl=point["mag_pspl"][take],
                  event_id=ids[order].astype(np.int64), label=kinds[order].astype(np.int8),
-                 params={k: params[order, j] for j, k in enumerate(PARAM_FIELDS)}, meta=meta)
+                 params={k: params[order, j] for j, k in enumerate(PARAM_FIELDS)}, meta=meta, **extra)
     ds.validate("simulated dataset")
     return ds
 
@@ -466,6 +606,10 @@ def check_output(path: str | Path) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("what to simulate")
+    g.add_argument("--survey", default="thesis", metavar="NAME|FILE",
+                   help="survey profile: " + ", ".join(sv.profile_names()) + " (training/surveys/"
+                        "<name>.yaml: cadence, bands, seasons, depths, errors, 5-sigma alerts) or a "
+                        "profile file of your own; thesis = 1,500 even epochs over 1,000 d, one band")
     g.add_argument("--n-pspl", type=int, required=True, metavar="N",
                    help="number of single-lens (PSPL) events, label 0")
     g.add_argument("--n-binary", type=int, required=True, metavar="N",
@@ -475,20 +619,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        f"{n} (" + ", ".join(f"{k} {v.describe()}" for k, v in ps.items()) + ")"
                        for n, ps in PARAMETER_SETS.items())
                    + ". PSPL events draw u0 and tE from the same set. Every event: t0 uniform "
-                     "0..1000 d, baseline mag uniform 18..22, source fraction fs uniform 0.5..1"
-                     ", alpha uniform 0..2pi")
+                     "over the survey, baseline mag (reference band) uniform 18..22, source "
+                     "fraction fs uniform 0.5..1, alpha uniform 0..2pi; for survey profiles also "
+                     "source and blend colours and an extinction (the profile's ranges)")
     g.add_argument("--output", "-o", required=True, metavar="FILE",
                    help="dataset file to write (.npz, the training.dataset format): per event "
                         "the observed and noise-free magnitudes, the best-fit PSPL model, the "
                         "true parameters and, for binaries, dchi2 = chi2 of the best PSPL fit to "
                         "the noise-free curve (detectability)")
     g = parser.add_argument_group("observing")
-    g.add_argument("--cadence-mask-prob", type=float, default=0.2, metavar="P",
-                   help="probability that each of the 1,500 evenly spaced epochs over 1000 d is "
-                        "dropped, independently (thesis: 0.05, 0.2, 0.3, 0.4); in [0, 1)")
-    g.add_argument("--mag-error-std", type=float, default=0.05, metavar="S",
-                   help="std of the Gaussian magnitude errors, also stored as mag_err "
-                        "(thesis: 0.05, 0.10, 0.20)")
+    g.add_argument("--cadence-mask-prob", type=float, default=None, metavar="P",
+                   help="thesis survey only: probability that each of the 1,500 evenly spaced "
+                        "epochs over 1000 d is dropped, independently (thesis: 0.05, 0.2, 0.3, "
+                        "0.4); in [0, 1) (default: 0.2)")
+    g.add_argument("--mag-error-std", type=float, default=None, metavar="S",
+                   help="thesis survey only: std of the Gaussian magnitude errors, also stored as "
+                        "mag_err (thesis: 0.05, 0.10, 0.20) (default: 0.05)")
     g = parser.add_argument_group("reproducibility and speed")
     g.add_argument("--seed", type=int, default=0, metavar="K",
                    help="random seed; the same seed gives the same data whatever --workers")
@@ -511,16 +657,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "parameters (a model trained on 'set' fires on blended, long or distant "
                         "single lenses outside its ranges)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    g.add_argument("--plot", metavar="DIR", default=None,
+                   help="also draw a few PSPL and binary light curves per band (detections and "
+                        "forced photometry told apart) into DIR/survey_<name>.png")
 
 
 def _recorded_command(args: argparse.Namespace) -> str:
     """The command that reproduces the file, with every option that changes it spelled
     out (--workers, --quiet and --output do not change the data and are left out)."""
-    parts = ["ulens", "simulate", "--n-pspl", str(args.n_pspl), "--n-binary", str(args.n_binary),
-             "--binary-params", args.binary_params,
-             "--cadence-mask-prob", repr(float(args.cadence_mask_prob)),
-             "--mag-error-std", repr(float(args.mag_error_std)), "--seed", str(args.seed),
-             "--vbm-tol", repr(float(args.vbm_tol))]
+    parts = ["ulens", "simulate", "--survey", args.survey, "--n-pspl", str(args.n_pspl),
+             "--n-binary", str(args.n_binary), "--binary-params", args.binary_params]
+    if args.survey == "thesis":
+        parts += ["--cadence-mask-prob", repr(float(args.cadence_mask_prob)),
+                  "--mag-error-std", repr(float(args.mag_error_std))]
+    parts += ["--seed", str(args.seed), "--vbm-tol", repr(float(args.vbm_tol))]
     if args.thesis_priors:
         parts.append("--thesis-priors")
     if args.shared_priors != "set":
@@ -528,8 +678,38 @@ def _recorded_command(args: argparse.Namespace) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def summary(ds: Dataset) -> str:
+    """One line: visits and detections per event, bands, and how many binaries the
+    survey's own visits can tell from a single lens (dchi2 >= 160) and when (onset)."""
+    lens = ds.lengths()
+    det = np.add.reduceat(ds.detected.astype(np.int64), ds.offsets[:-1]) if len(ds.time) else lens
+    names = [sv.BAND_NAMES[b] for b in range(len(sv.BAND_NAMES))]
+    counts = np.bincount(ds.band, minlength=len(names))
+    bands = ", ".join(f"{names[b]} {counts[b] / counts.sum():.0%}" for b in np.flatnonzero(counts))
+    out = (f"survey {ds.meta.get('survey', {}).get('name', '?')}: visits per event median "
+           f"{np.median(lens):.0f} ({lens.min()}-{lens.max()}), 5-sigma detections per event median "
+           f"{np.median(det):.0f} ({np.mean(det) / max(np.mean(lens), 1e-9):.0%} of visits); bands {bands}")
+    d = ds.params["dchi2"][ds.label == 1]
+    if d.size:
+        on = ds.params["onset_index"][ds.label == 1] >= 0
+        out += (f"; binaries with dchi2 >= 160 on the survey's visits: {np.mean(d >= 160):.1%} "
+                f"(<25: {np.mean(d < 25):.1%}, median {np.median(d):.0f}; onset found for {np.mean(on):.1%})")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
-    config = SimulationConfig(parameter_set=args.binary_params, seed=args.seed,
+    prof = SimulationConfig(survey=args.survey).profile
+    if prof.kind != "grid":
+        for flag, value in (("--cadence-mask-prob", args.cadence_mask_prob),
+                            ("--mag-error-std", args.mag_error_std)):
+            if value is not None:
+                raise SimulationError(f"{flag} applies to the thesis survey only; survey {prof.name} "
+                                      "defines its cadence and errors in its profile")
+    if args.cadence_mask_prob is None:
+        args.cadence_mask_prob = prof.grid_mask_prob if prof.kind == "grid" else 0.2
+    if args.mag_error_std is None:
+        args.mag_error_std = prof.grid_mag_err if prof.kind == "grid" else 0.05
+    config = SimulationConfig(survey=args.survey, parameter_set=args.binary_params, seed=args.seed,
                               cadence_mask_prob=args.cadence_mask_prob,
                               mag_error_std=args.mag_error_std, thesis_priors=args.thesis_priors,
                               vbm_tol=args.vbm_tol, shared_priors=args.shared_priors)
@@ -552,10 +732,10 @@ def run(args: argparse.Namespace) -> int:
           f"{len(ds.time)} points, {elapsed:.1f} s ({n / elapsed:.1f} events/s with "
           f"{args.workers} worker(s)); VBMicrolensing failures resampled: "
           f"{ds.meta['failures_resampled']}")
-    d = ds.params["dchi2"][ds.label == 1]
-    if d.size:
-        print(f"binary dchi2: <25 {np.mean(d < 25):.1%}, <160 {np.mean(d < 160):.1%}, "
-              f">1000 {np.mean(d > 1000):.1%}, median {np.median(d):.0f}")
+    print(summary(ds))
+    if args.plot:
+        from training.survey_plot import plot_survey
+        print(f"plot: {plot_survey(ds, args.plot)}")
     return 0
 
 

@@ -237,7 +237,8 @@ def train(cfg: TrainConfig) -> Path:
     if not cfg.experiment_name or "/" in cfg.experiment_name:
         raise TrainError(f"bad experiment name {cfg.experiment_name!r}")
     data_path = Path(cfg.data)
-    ds = dataset_mod.load(data_path)  # DatasetError (a ValueError) names the problem
+    # the TD-CNN reads magnitudes: a visit that measured no flux (a faint band) has none
+    ds = dataset_mod.load(data_path).magnitudes_only()  # DatasetError (a ValueError) names the problem
     if len(np.unique(ds.label)) < 2 or min(np.bincount(ds.label, minlength=2)) < 4:
         raise TrainError(f"{data_path}: needs at least 4 events of each class to split and train")
     if cfg.num_threads:

@@ -272,7 +272,7 @@ def test_cli_writes_a_loadable_dataset(tmp_path, capsys):
     assert ds.n_events == 5 and ds.meta["cadence_mask_prob"] == 0.3
     assert np.all(ds.mag_err == np.float32(0.1))
     cmd = ds.meta["command"]
-    assert cmd.startswith("ulens simulate --n-pspl 3 --n-binary 2") and "--workers" not in cmd
+    assert cmd.startswith("ulens simulate --survey thesis --n-pspl 3 --n-binary 2") and "--workers" not in cmd
     assert "wrote" in cap.out and "dchi2" in cap.out
 
 
