@@ -4,7 +4,9 @@ closed-form source and blend fluxes, and the least-squares PSPL fit.
 Every PSPL computation of the package goes through this module: ``training.physics``
 re-exports :func:`magnification` and :func:`magnification_u` (as ``pspl_magnification``
 and ``pspl_magnification_u``: the simulator's PSPL events); ``training.detectability``
-is :func:`fit_pspl` applied to a noise-free binary curve (the dataset's ``dchi2``).
+is :func:`fit_pspl` applied to a noise-free binary curve (the dataset's ``dchi2``);
+``training.psplfit`` (the classical rule's robust point-by-point fit) takes the
+magnification with derivatives, :func:`fluxes_bounded` and :func:`solve3` from here.
 
 Magnification (Paczynski 1986, ApJ 304, 1)
 ------------------------------------------
@@ -52,7 +54,15 @@ and only the three non-linear parameters are iterated. A source flux cannot be n
 a >= 0. chi^2 is a convex quadratic in (a, b), so the constrained optimum is the free one
 when that is feasible, else the optimum on the boundary a = 0 (a constant flux,
 b = S_F / S_w). :func:`fluxes` leaves b free, so a fitted source fraction a/(a+b) above 1
-("negative blending") is allowed, as in survey fits.
+("negative blending") is allowed, as in survey fits (``fit_pspl``, detectability).
+:func:`fluxes_bounded` bounds it, a/(a+b) <= fs_max, i.e. b >= -kappa a with
+kappa = 1 - 1/fs_max (the classical rule, ``training.psplfit``: the bound removes the
+rising-wing degeneracy u_0 -> large, a -> inf, b -> -inf); where the free optimum
+breaks it, the optimum is the better of the two boundaries, a = 0 and b = -kappa a
+(there chi^2(a) = S_FF - 2 a (S_AF - kappa S_F) + a^2 (S_AA - 2 kappa S_A + kappa^2 S_w)).
+The two share the normal equations and the rule for a = 0; they write chi^2 differently
+(expanded in a and b; S_FF - a S_AF - b S_F, valid at an optimum), each as its fit has
+always done, because the fits' steps are accepted on those chi^2 values.
 
 The fit (:func:`fit_pspl`)
 -------------------------
@@ -186,6 +196,35 @@ def fluxes(S_w, S_A, S_AA, S_F, S_AF, S_FF):
     return a, b, np.maximum(_chi2_fluxes(a, b, S_w, S_A, S_AA, S_F, S_AF, S_FF), 0.0)
 
 
+def fluxes_bounded(S_w, S_A, S_AA, S_F, S_AF, S_FF, kappa):
+    """Closed-form fluxes per row under a >= 0 and b >= -kappa a (source fraction
+    a/(a+b) <= fs_max, kappa = 1 - 1/fs_max): the free optimum when feasible, else the
+    better of the two boundaries (b = -kappa a; a = 0, a constant flux).
+    Returns (a, b, chi2, flat); chi2 = S_FF - a S_AF - b S_F, which holds at each of the
+    three optima (a shorter form than :func:`fluxes`' expansion; each keeps the arithmetic
+    its fit has always used); flat: a = 0."""
+    det, num_a, num_b = _flux_normal(S_w, S_A, S_AA, S_F, S_AF)
+    detok = det > 0
+    sdet = np.where(detok, det, 1.0)
+    a = num_a / sdet
+    b = num_b / sdet
+    free = detok & (a > 0) & (b >= -kappa * a)
+    # on b = -kappa a: chi2(a) = S_FF - 2 a (S_AF - kappa S_F) + a^2 den
+    den = S_AA - 2.0 * kappa * S_A + kappa * kappa * S_w
+    denok = den > 0
+    ab = (S_AF - kappa * S_F) / np.where(denok, den, 1.0)
+    okb = denok & (ab > 0)
+    ab = np.where(okb, ab, 0.0)
+    bf = S_F / np.where(S_w > 0, S_w, 1.0)
+    chi_b = S_FF - ab * (S_AF - kappa * S_F)
+    chi_f = S_FF - bf * S_F
+    use_b = okb & (chi_b < chi_f)
+    a_out = np.where(free, a, np.where(use_b, ab, 0.0))
+    b_out = np.where(free, b, np.where(use_b, -kappa * ab, bf))
+    chi = np.where(free, S_FF - a * S_AF - b * S_F, np.where(use_b, chi_b, chi_f))
+    return a_out, b_out, chi, ~(a_out > 0)
+
+
 # ------------------------------------------------------------------------- 3x3 solves
 def _cramer3(M, v):
     """Cramer's rule for M x = v without the division: (det, x det, y det, z det).
@@ -197,6 +236,21 @@ def _cramer3(M, v):
             v[0] * co0 + b * (f * v[2] - v[1] * i) + c * (v[1] * h - e * v[2]),
             a * (v[1] * i - f * v[2]) + v[0] * (f * g - d * i) + c * (d * v[2] - v[1] * g),
             a * (e * v[2] - v[1] * h) + b * (v[1] * g - d * v[2]) + v[0] * (d * h - e * g))
+
+
+def solve3(M, v):
+    """Stacked 3x3 systems by Cramer's rule, elementwise numpy (each system's result
+    depends only on its own entries): ``M`` nested 3x3 lists of arrays, ``v`` 3 arrays.
+    Returns (x, y, z); 0 for every component of a system that is singular or whose
+    solution is not finite."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        det, nx, ny, nz = _cramer3(M, v)
+    ok = (det != 0) & np.isfinite(det)
+    det = np.where(ok, det, 1.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        x, y, z = nx / det, ny / det, nz / det
+    ok &= np.isfinite(x) & np.isfinite(y) & np.isfinite(z)
+    return np.where(ok, x, 0.0), np.where(ok, y, 0.0), np.where(ok, z, 0.0)
 
 
 def _solve3_scalar(M, v):
