@@ -80,10 +80,12 @@ Weighted least squares in flux of one light curve over (t_0, ln u_0, ln t_E):
    weighted sums, for all starts at once); the 3x3 algebra per start is plain Python
    (faster than numpy on a handful of numbers).
 
-The chi^2 returned is recomputed from the residuals of the returned model on all points.
-Checked against scipy ``least_squares`` from 60 starts per curve on 150 baseline binaries:
-within 1% in 149 (median relative difference 1e-6); one event cut by the window edge
-(only its rise observed, a degenerate PSPL fit) came out 12% higher. See also
+``flux_err`` is one value per point or a scalar. The chi^2 returned is recomputed from
+the residuals of the returned model on all points; ``PsplFit.chi2_per_point`` gives its
+terms point by point (their running sum is the chi^2 of the best PSPL accumulated over
+the epochs). Checked against scipy ``least_squares`` from 60 starts per curve on 150
+baseline binaries: within 1% in 149 (median relative difference 1e-6); one event cut by
+the window edge (only its rise observed, a degenerate PSPL fit) came out 12% higher. See also
 tests/unit/test_physics.py and tests/unit/test_pspl.py.
 """
 from __future__ import annotations
@@ -101,8 +103,6 @@ TE_SCALES = (0.5, 1.0, 2.0)
 
 
 # ----------------------------------------------------------------------- magnification
-
-
 def _paczynski(u, u2, root, out=None):
     """A from u, u^2 and sqrt(u^2 + 4), each computed by the caller (see the callers for
     why each computes them its own way); ``out``: array to write A into."""
@@ -182,7 +182,7 @@ def _chi2_fluxes(a, b, S_w, S_A, S_AA, S_F, S_AF, S_FF):
 
 def fluxes(S_w, S_A, S_AA, S_F, S_AF, S_FF):
     """Closed-form weighted fluxes with a >= 0 and b free, and their chi^2 (clipped at 0
-    against rounding): numpy arrays (over starts, say) or scalars, broadcast together.
+    against rounding): numpy arrays (one entry per start, say), broadcast together.
     Where the free optimum has a <= 0, or the normal equations are singular (A constant
     over the points), the optimum is the constant flux a = 0, b = S_F / S_w."""
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -264,16 +264,29 @@ def _solve3_scalar(M, v):
 # --------------------------------------------------------------------------------- fit
 @dataclass(frozen=True)
 class PsplFit:
+    """Result of :func:`fit_pspl`: the best PSPL ``F = a A(t; t0, u0, tE) + b``."""
     t0: float
     u0: float
     tE: float
     source_flux: float   # a, in the units of the fitted flux
     blend_flux: float    # b, in the units of the fitted flux
-    chi2: float
+    chi2: float          # sum over the points of chi2_per_point
     n_iter: int          # Levenberg-Marquardt iterations (both passes)
 
     def flux(self, t: np.ndarray) -> np.ndarray:
         return self.source_flux * magnification(t, self.t0, self.u0, self.tE) + self.blend_flux
+
+    def chi2_per_point(self, t: np.ndarray, flux: np.ndarray, flux_err) -> np.ndarray:
+        """Each point's term of this PSPL's chi^2, (F_i - F_model(t_i))^2 / sigma_i^2
+        (``flux_err`` a scalar or one value per point, as for :func:`fit_pspl`).
+
+        ``np.cumsum`` of it is the chi^2 of this (the whole curve's best) PSPL over the
+        first n points, which bounds the best PSPL of those n points alone from above.
+        On the points it was fitted to, the sum is ``chi2`` up to rounding (``chi2`` is a
+        dot product: the same terms, summed in another order).
+        """
+        w = 1.0 / np.square(np.asarray(flux_err, dtype=np.float64))
+        return w * np.square(np.asarray(flux, dtype=np.float64) - self.flux(t))
 
 
 def _start_grid(t, F, true_params):
