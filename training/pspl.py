@@ -199,7 +199,8 @@ def fluxes(S_w, S_A, S_AA, S_F, S_AF, S_FF):
 def fluxes_bounded(S_w, S_A, S_AA, S_F, S_AF, S_FF, kappa):
     """Closed-form fluxes per row under a >= 0 and b >= -kappa a (source fraction
     a/(a+b) <= fs_max, kappa = 1 - 1/fs_max): the free optimum when feasible, else the
-    better of the two boundaries (b = -kappa a; a = 0, a constant flux).
+    better of the two boundaries (b = -kappa a; a = 0, a constant flux). The fluxes are a
+    star's, positive, so b = S_F / S_w >= 0 on a = 0 and needs no clip there.
     Returns (a, b, chi2, flat); chi2 = S_FF - a S_AF - b S_F, which holds at each of the
     three optima (a shorter form than :func:`fluxes`' expansion; each keeps the arithmetic
     its fit has always used); flat: a = 0."""
