@@ -106,6 +106,8 @@ TE_SCALES = (0.5, 1.0, 2.0)
 def _paczynski(u, u2, root, out=None):
     """A from u, u^2 and sqrt(u^2 + 4), each computed by the caller (see the callers for
     why each computes them its own way); ``out``: array to write A into."""
+    if out is None:     # the operator lets numpy reuse a temporary's buffer for A
+        return (u2 + 2.0) / (u * root)
     return np.divide(u2 + 2.0, u * root, out=out)
 
 
@@ -149,15 +151,21 @@ def magnification_ln_derivatives(t, t0, ln_u0, ln_tE, out=None):
     u0, tE, tau, u2 = _geometry(t, t0, ln_u0, ln_tE)
     u = np.sqrt(u2)
     root = np.sqrt(u2 + 4.0)
-    o = (None,) * 4 if out is None else out
-    A = _paczynski(u, u2, root, out=o[0])
+    A = _paczynski(u, u2, root, out=None if out is None else out[0])
     # g = (dA/du) / u, times du/dt0 * u = -tau/tE, du/dln u0 * u = u0^2, du/dln tE * u = -tau^2
     g = -8.0 / (u2 * u * root * (u2 + 4.0))
-    d_t0 = np.multiply(g, -tau / tE, out=o[1])
-    d_ln_u0 = np.multiply(g, u0 * u0, out=o[2])
+    # Without out: operators, not np.multiply(..., out=None), so that numpy reuses the
+    # temporaries' buffers for the results (no new allocation: faster on big rows).
+    if out is None:
+        d_t0 = g * (-tau / tE)
+        d_ln_u0 = g * (u0 * u0)
+        g *= tau
+        return A, d_t0, d_ln_u0, g * -tau
+    np.multiply(g, -tau / tE, out=out[1])
+    np.multiply(g, u0 * u0, out=out[2])
     g *= tau
-    d_ln_tE = np.multiply(g, -tau, out=o[3])
-    return A, d_t0, d_ln_u0, d_ln_tE
+    np.multiply(g, -tau, out=out[3])
+    return tuple(out)
 
 
 def _rank_magnification(t, theta):
