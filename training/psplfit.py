@@ -14,8 +14,11 @@ Flux relative to the event's first point, ``F = 10**(-0.4 (m - m_ref))``, modell
 ``F(t) = a A(t; t0, u0, tE) + b`` (``a`` source flux >= 0, ``b`` blend with
 ``a/(a+b) <= fs_max``: bounded negative blending, which removes the rising-wing
 degeneracy u0 -> large, a -> inf, b -> -inf): the fluxes are solved in closed form for
-every (t0, ln u0, ln tE) ("variable projection", as ``training.detectability``); only
-the three non-linear parameters are iterated.
+every (t0, ln u0, ln tE) ("variable projection", as the detectability fit); only the
+three non-linear parameters are iterated. The magnification and its derivatives, the
+bounded closed-form fluxes and the 3x3 solve are the PSPL core's (``training.pspl``,
+whose module doc gives the formulas); the robust weights, the LM step and the statistic
+are this rule's.
 
 * Likelihood: the errors are Gaussian in magnitude, so each point's flux error is
   ``sigma_F = 0.921 sigma_m F_model`` with the *model* flux of the current iterate
@@ -90,6 +93,8 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 import numpy as np
+
+from training import pspl
 
 RULE = "pspl-fit"
 FORMAT_VERSION = 1
@@ -220,64 +225,8 @@ def pad_length(n: int) -> int:
 
 
 # --------------------------------------------------------------------------- physics
-def _model(t, t0, lu0, lte, derivs: bool):
-    """A (and dA/dt0, dA/dln u0, dA/dln tE) for rows of t (..., L) and column params."""
-    u0 = np.exp(lu0)
-    te = np.exp(lte)
-    tau = (t - t0) / te
-    u2 = u0 * u0 + tau * tau
-    u = np.sqrt(u2)
-    s4 = np.sqrt(u2 + 4.0)
-    A = (u2 + 2.0) / (u * s4)
-    if not derivs:
-        return A, None
-    g = -8.0 / (u2 * u * s4 * (u2 + 4.0))
-    return A, (g * (-tau / te), g * (u0 * u0), -(g * tau * tau))
-
-
 def _mag_model(a, b, A):
     return -2.5 * np.log10(np.maximum(a * A + b, FLUX_FLOOR))
-
-
-def _linear(Sw, SA, SAA, SF, SAF, SFF, kappa):
-    """Closed-form fluxes per row under a >= 0 and b >= -kappa a (source fraction
-    a/(a+b) <= fs_max, kappa = 1 - 1/fs_max): the unconstrained optimum when feasible,
-    else the better of the two boundaries (b = -kappa a; a = 0, a constant flux).
-    Returns (a, b, chi2_w, flat); chi2_w = SFF - a SAF - b SF holds at each optimum."""
-    det = SAA * Sw - SA * SA
-    detok = det > 0
-    sdet = np.where(detok, det, 1.0)
-    a = (SAF * Sw - SA * SF) / sdet
-    b = (SAA * SF - SA * SAF) / sdet
-    free = detok & (a > 0) & (b >= -kappa * a)
-    den = SAA - 2.0 * kappa * SA + kappa * kappa * Sw
-    denok = den > 0
-    ab = (SAF - kappa * SF) / np.where(denok, den, 1.0)
-    okb = denok & (ab > 0)
-    ab = np.where(okb, ab, 0.0)
-    bf = SF / np.where(Sw > 0, Sw, 1.0)
-    chi_b = SFF - ab * (SAF - kappa * SF)
-    chi_f = SFF - bf * SF
-    use_b = okb & (chi_b < chi_f)
-    a_out = np.where(free, a, np.where(use_b, ab, 0.0))
-    b_out = np.where(free, b, np.where(use_b, -kappa * ab, bf))
-    chi = np.where(free, SFF - a * SAF - b * SF, np.where(use_b, chi_b, chi_f))
-    return a_out, b_out, chi, ~(a_out > 0)
-
-
-def _solve3(H, g):
-    """Cramer's rule on stacked 3x3 systems (elementwise numpy: per-row deterministic)."""
-    (a, b, c), (d, e, f), (gg, h, i) = H
-    co0, co1, co2 = e * i - f * h, f * gg - d * i, d * h - e * gg
-    det = a * co0 + b * co1 + c * co2
-    ok = (det != 0) & np.isfinite(det)
-    det = np.where(ok, det, 1.0)
-    with np.errstate(invalid="ignore", over="ignore"):
-        x = (g[0] * co0 + b * (f * g[2] - g[1] * i) + c * (g[1] * h - e * g[2])) / det
-        y = (a * (g[1] * i - f * g[2]) + g[0] * (f * gg - d * i) + c * (d * g[2] - g[1] * gg)) / det
-        z = (a * (e * g[2] - g[1] * h) + b * (g[1] * gg - d * g[2]) + g[0] * (d * h - e * gg)) / det
-    ok &= np.isfinite(x) & np.isfinite(y) & np.isfinite(z)
-    return np.where(ok, x, 0.0), np.where(ok, y, 0.0), np.where(ok, z, 0.0)
 
 
 class _Rows:
@@ -345,12 +294,13 @@ class _Point:
 
     def __init__(self, R, th, a, b, scale, p: Params):
         self.th = th                                   # (t0, lu0, lte) arrays
-        A, D = _model(R.t, _col(th[0]), _col(th[1]), _col(th[2]), True)
+        A, *D = pspl.magnification_ln_derivatives(R.t, _col(th[0]), _col(th[1]), _col(th[2]))
         self.w = _weights(R, A, a, b, scale, p.robust_c)
         self.S = S = _sums(R, self.w, A, D)
         M = S["M"]
         Sw, SA, SAA = S["w"], S["A"], S["AA"]
-        self.a, self.b, self.chi, self.flat = _linear(Sw, SA, SAA, S["F"], S["AF"], S["FF"], p.kappa)
+        self.a, self.b, self.chi, self.flat = pspl.fluxes_bounded(Sw, SA, SAA, S["F"], S["AF"],
+                                                                  S["FF"], p.kappa)
         a, b = self.a, self.b
         det = SAA * Sw - SA * SA
         sdet = np.where(det > 0, det, 1.0)
@@ -385,19 +335,19 @@ def _lm_step(R: _Rows, P: _Point, lam, p: Params):
     try:
         d = np.linalg.solve(Hd, g[:, :, None])[:, :, 0]
     except np.linalg.LinAlgError:
-        d = np.stack(_solve3([[Hd[:, j, k] for k in range(3)] for j in range(3)], [g[:, j] for j in range(3)]),
-                     axis=1)
+        d = np.stack(pspl.solve3([[Hd[:, j, k] for k in range(3)] for j in range(3)],
+                                 [g[:, j] for j in range(3)]), axis=1)
     d = np.where(np.isfinite(d), d, 0.0)
     te = np.exp(lte)
     nt0 = t0 + np.minimum(np.maximum(d[:, 0], -2 * te), 2 * te)
     nlu0 = np.minimum(np.maximum(lu0 + np.minimum(np.maximum(d[:, 1], -1.5), 1.5), LN_U0[0]), LN_U0[1])
     nlte = np.minimum(np.maximum(lte + np.minimum(np.maximum(d[:, 2], -1.5), 1.5), LN_TE[0]), LN_TE[1])
-    A2, _ = _model(R.t, _col(nt0), _col(nlu0), _col(nlte), False)
+    A2 = pspl.magnification_ln(R.t, _col(nt0), _col(nlu0), _col(nlte))
     w = P.w
     wA2 = w * A2
     S = P.S
-    a2, b2, chi1, flat2 = _linear(S["w"], wA2.sum(-1), (wA2 * A2).sum(-1), S["F"], (wA2 * R.F).sum(-1),
-                                  S["FF"], p.kappa)
+    a2, b2, chi1, flat2 = pspl.fluxes_bounded(S["w"], wA2.sum(-1), (wA2 * A2).sum(-1), S["F"],
+                                              (wA2 * R.F).sum(-1), S["FF"], p.kappa)
     ok = good & ~flat2 & (chi1 < P.chi) & np.isfinite(chi1)
     th = (np.where(ok, nt0, t0), np.where(ok, nlu0, lu0), np.where(ok, nlte, lte))
     lam2 = np.where(ok, np.maximum(lam * 0.2, LAM_MIN), np.minimum(lam * 10.0, LAM_MAX))
@@ -405,7 +355,7 @@ def _lm_step(R: _Rows, P: _Point, lam, p: Params):
 
 
 def _robust_cost(R: _Rows, th, a, b, scale, c):
-    A, _ = _model(R.t, _col(th[0]), _col(th[1]), _col(th[2]), False)
+    A = pspl.magnification_ln(R.t, _col(th[0]), _col(th[1]), _col(th[2]))
     z = (R.m - _mag_model(_col(a), _col(b), A)) / R.e
     cs = c * _col(scale)
     return (R.valid * 2.0 * cs * cs * (np.sqrt(1.0 + (z / cs) ** 2) - 1.0)).sum(-1), z
@@ -437,13 +387,13 @@ def _multistart(R: _Rows, s: dict, p: Params) -> dict:
     LU0 = np.broadcast_to(g_u0.ravel(), (B, S))
     LTE = np.broadcast_to(g_te.ravel(), (B, S))
     # rank: closed-form fluxes under observed-flux errors, then the robust cost
-    A, _ = _model(Q.t[:, None, :], T0[..., None], LU0[..., None], LTE[..., None], False)
+    A = pspl.magnification_ln(Q.t[:, None, :], T0[..., None], LU0[..., None], LTE[..., None])
     sF = K_MAG * Q.e * Q.F
     w = (Q.valid / (sF * sF))[:, None, :]
     wA = w * A
     Fb = Q.F[:, None, :]
-    a0, b0, _, _ = _linear(w.sum(-1), wA.sum(-1), (wA * A).sum(-1), (w * Fb).sum(-1), (wA * Fb).sum(-1),
-                           (w * Fb * Fb).sum(-1), p.kappa)
+    a0, b0, _, _ = pspl.fluxes_bounded(w.sum(-1), wA.sum(-1), (wA * A).sum(-1), (w * Fb).sum(-1),
+                                       (wA * Fb).sum(-1), (w * Fb * Fb).sum(-1), p.kappa)
     z = (Q.m[:, None, :] - _mag_model(a0[..., None], b0[..., None], A)) / Q.e[:, None, :]
     cs = c * s["scale"][:, None, None]
     cost = (Q.valid[:, None, :] * 2 * cs * cs * (np.sqrt(1 + (z / cs) ** 2) - 1)).sum(-1)
@@ -511,7 +461,7 @@ def _statistic(R: _Rows, P: _Point, scale, p: Params):
     idx = np.maximum(idx, 0)
     rows = np.arange(B)[:, None]
     t, m, e, F = R.t[rows, idx], R.m[rows, idx], R.e[rows, idx], R.F[rows, idx]
-    A, D = _model(t, _col(P.th[0]), _col(P.th[1]), _col(P.th[2]), True)
+    A, *D = pspl.magnification_ln_derivatives(t, _col(P.th[0]), _col(P.th[1]), _col(P.th[2]))
     a, b, s = _col(P.a), _col(P.b), _col(scale)
     Fm = np.maximum(a * A + b, FLUX_FLOOR)
     z = (m + 2.5 * np.log10(Fm)) / e
@@ -659,7 +609,7 @@ def _quick(R: _Rows, s: dict, p: Params):
     rows = np.arange(B)[:, None]
     idx = np.maximum(idx, 0)
     t, e, F = R.t[rows, idx], R.e[rows, idx], R.F[rows, idx]
-    A, _ = _model(t, _col(s["t0"]), _col(s["lu0"]), _col(s["lte"]), False)
+    A = pspl.magnification_ln(t, _col(s["t0"]), _col(s["lu0"]), _col(s["lte"]))
     a, b = _col(s["a"]), _col(s["b"])
     Fm = np.maximum(a * A + b, FLUX_FLOOR)
     sF = K_MAG * e * Fm

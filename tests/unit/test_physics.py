@@ -13,7 +13,7 @@ from training import detectability, physics
 
 @pytest.mark.parametrize("u, expected", [
     (1.0, 3.0 / math.sqrt(5.0)),                        # 1.3416407865
-    (0.1, 2.01 / (0.1 * math.sqrt(4.01))),              # 10.0373...
+    (0.1, 2.01 / (0.1 * math.sqrt(4.01))),              # 10.0374610...
     (0.5, 2.25 / (0.5 * math.sqrt(4.25))),
     (3.0, 11.0 / (3.0 * math.sqrt(13.0))),
 ])
