@@ -384,9 +384,26 @@ def _step_quantities(G, S1, SF, sw, sf, sff):
 def _levenberg_marquardt(t, F, w, theta, max_iter, rtol, atol):
     """Refine the rows of theta (K,3) together; returns (theta, a, b, chi2, iterations)."""
     sw, sf, sff = float(w.sum()), float(w @ F), float(w @ (F * F))
+    theta, cur, it = _lm_loop(lambda th: [_step_quantities(*g, sw, sf, sff)
+                                          for g in zip(*_sums(t, F, w, th))],
+                              theta, max_iter, rtol, atol)
+    a = np.array([c[0] for c in cur])
+    b = np.array([c[1] for c in cur])
+    chi2 = np.array([c[2] for c in cur])
+    return theta, a, b, chi2, it
+
+
+def _lm_loop(evaluate, theta, max_iter, rtol, atol):
+    """Levenberg-Marquardt over the rows of theta (K,3) = (t0, ln u0, ln tE) together.
+    ``evaluate(rows)`` gives, per row, (fluxes a, fluxes b, chi2, H, grad): the projected
+    problem's Gauss-Newton matrix and gradient (None where the source flux is 0). A step
+    is kept only if chi^2 falls; t0 moves at most 2 tE and ln u0, ln tE at most 1.5 a
+    step; a row stops when its chi^2 improves by less than max(rtol chi^2, atol), when
+    its damping passes 1e7, or from step 3 when it is far behind the best row.
+    Returns (theta, the rows' last quantities, iterations)."""
     theta = theta.copy()
     K = theta.shape[0]
-    cur = [_step_quantities(*g, sw, sf, sff) for g in zip(*_sums(t, F, w, theta))]
+    cur = evaluate(theta)
     lam = [1e-3] * K
     active = [c[3] is not None for c in cur]
     it = 0
@@ -407,7 +424,7 @@ def _levenberg_marquardt(t, F, w, theta, max_iter, rtol, atol):
                                 LN_U0_MAX)
             trial[row, 2] = min(max(trial[row, 2] + min(max(delta[2], -1.5), 1.5), LN_TE_MIN),
                                 LN_TE_MAX)
-        new = [_step_quantities(*g, sw, sf, sff) for g in zip(*_sums(t, F, w, trial))]
+        new = evaluate(trial)
         for row, k in enumerate(idx):
             old_chi2, nq = cur[k][2], new[row]
             if nq[2] < old_chi2 and nq[3] is not None:
@@ -425,10 +442,7 @@ def _levenberg_marquardt(t, F, w, theta, max_iter, rtol, atol):
             for k in idx:
                 if cur[k][2] > 1.5 * best + 50.0:
                     active[k] = False
-    a = np.array([c[0] for c in cur])
-    b = np.array([c[1] for c in cur])
-    chi2 = np.array([c[2] for c in cur])
-    return theta, a, b, chi2, it
+    return theta, cur, it
 
 
 def fit_pspl(t: np.ndarray, flux: np.ndarray, flux_err, true_params=None, n_refine: int = 3,
@@ -473,3 +487,104 @@ def fit_pspl(t: np.ndarray, flux: np.ndarray, flux_err, true_params=None, n_refi
     chi2_final = float(w @ np.square(F - model))
     return PsplFit(t0=t0, u0=u0, tE=tE, source_flux=float(a[j]), blend_flux=float(b[j]),
                    chi2=chi2_final, n_iter=n_iter + it)
+
+
+# ------------------------------------------------------------------------- several bands
+@dataclass(frozen=True)
+class PsplBandsFit:
+    """Result of :func:`fit_pspl_bands`: one (t0, u0, tE), a source and a blend flux per
+    band code (``source_flux[b]``; 0 where the light curve has no point in band b)."""
+    t0: float
+    u0: float
+    tE: float
+    source_flux: np.ndarray
+    blend_flux: np.ndarray
+    chi2: float
+    n_iter: int
+
+    def flux(self, t: np.ndarray, band: np.ndarray) -> np.ndarray:
+        return self.source_flux[band] * magnification(t, self.t0, self.u0, self.tE) + self.blend_flux[band]
+
+
+def _band_quantities(t, F, w, masks, lin, theta):
+    """Per row of theta: (a per band, b per band, chi2, H, grad) summed over the bands: the
+    bands share (t0, u0, tE) and no flux, so the projected problem's chi^2, Gauss-Newton
+    matrix and gradient are the sums of the one-band ones."""
+    per_band = [None if m is None else _sums(t[m], F[m], w[m], theta) for m in masks]
+    out = []
+    for k in range(theta.shape[0]):
+        a, b, chi2 = [], [], 0.0
+        H = [[0.0] * 3 for _ in range(3)]
+        g = [0.0] * 3
+        moving = False
+        for sums, (sw, sf, sff) in zip(per_band, lin):
+            if sums is None:
+                a.append(0.0)
+                b.append(0.0)
+                continue
+            ab, bb, c, Hb, gb = _step_quantities(sums[0][k], sums[1][k], sums[2][k], sw, sf, sff)
+            a.append(ab)
+            b.append(bb)
+            chi2 += c
+            if Hb is not None:
+                moving = True
+                for i in range(3):
+                    g[i] += gb[i]
+                    for j in range(3):
+                        H[i][j] += Hb[i][j]
+        out.append((a, b, chi2, H if moving else None, g if moving else None))
+    return out
+
+
+def fit_pspl_bands(t: np.ndarray, flux: np.ndarray, flux_err, band: np.ndarray, true_params=None,
+                   n_refine: int = 3, max_iter: int = 30, rtol: float = 1e-5, atol: float = 1e-2,
+                   coarse_points: int = 600, coarse_iter: int = 10) -> PsplBandsFit:
+    """Best PSPL fit of a light curve in several bands (weighted least squares in flux):
+    microlensing is achromatic, so one (t0, u0, tE); the source and blend fluxes differ
+    per band (their colours differ), a >= 0 and b free per band, each in closed form as in
+    :func:`fit_pspl`, whose starts (from the curve relative to each band's median), start
+    ranking, subsampled coarse pass and Levenberg-Marquardt steps it uses. ``band``: small
+    integer codes per point (they index the result's flux arrays). ``t`` increasing.
+    The chi^2 returned is recomputed from the residuals."""
+    t = np.ascontiguousarray(t, dtype=np.float64)
+    F = np.ascontiguousarray(flux, dtype=np.float64)
+    w = np.ascontiguousarray(np.broadcast_to(1.0 / np.square(np.asarray(flux_err, dtype=np.float64)),
+                                             F.shape))
+    band = np.asarray(band, dtype=np.int64)
+    if t.size < 4:
+        raise ValueError(f"a PSPL fit needs at least 4 points, got {t.size}")
+    n_bands = int(band.max()) + 1
+    masks = [band == b for b in range(n_bands)]
+    masks = [m if m.any() else None for m in masks]
+    med = np.array([max(float(np.median(F[m])), 1e-300) if m is not None else 1.0 for m in masks])
+    starts = _start_grid(t, F / med[band], true_params)
+    A = _rank_magnification(t, starts)
+    chi2 = np.zeros(len(starts))
+    for m in masks:
+        if m is not None:
+            Am, wm, Fm = A[:, m], w[m], F[m]
+            wF = wm * Fm
+            chi2 += fluxes(float(wm.sum()), Am @ wm, (Am * Am) @ wm, float(wF.sum()), Am @ wF,
+                           float(wF @ Fm))[2]
+    theta = starts[_pick_starts(starts, chi2, n_refine)]
+
+    def run(tt, FF, ww, bb, rows, iters, rt, at):
+        ms = [bb == b for b in range(n_bands)]
+        ms = [m if m.any() else None for m in ms]
+        lin = [(0.0, 0.0, 0.0) if m is None else
+               (float(ww[m].sum()), float(ww[m] @ FF[m]), float(ww[m] @ (FF[m] * FF[m]))) for m in ms]
+        return _lm_loop(lambda th: _band_quantities(tt, FF, ww, ms, lin, th), rows, iters, rt, at)
+
+    k = max(1, -(-t.size // coarse_points))
+    n_iter = 0
+    if k > 1:
+        theta, cur, n_iter = run(t[::k], F[::k], w[::k], band[::k], theta, coarse_iter, 100 * rtol,
+                                 100 * atol)
+        theta = theta[[int(np.argmin([c[2] for c in cur]))]]
+    theta, cur, it = run(t, F, w, band, theta, max_iter, rtol, atol)
+    j = int(np.argmin([c[2] for c in cur]))
+    fit = PsplBandsFit(float(theta[j, 0]), float(np.exp(theta[j, 1])), float(np.exp(theta[j, 2])),
+                       np.asarray(cur[j][0], dtype=np.float64), np.asarray(cur[j][1], dtype=np.float64),
+                       0.0, n_iter + it)
+    chi2_final = float(w @ np.square(F - fit.flux(t, band)))
+    return PsplBandsFit(fit.t0, fit.u0, fit.tE, fit.source_flux, fit.blend_flux, chi2_final, fit.n_iter)

@@ -71,7 +71,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training import detectability, physics, pspl_bands
+from training import detectability, physics, pspl
 from training import survey as sv
 from training.dataset import PARAM_FIELDS, Dataset
 from training.photometry import njy_to_mag
@@ -357,7 +357,7 @@ def _survey_event(kind: int, index: int, config: SimulationConfig) -> dict:
     mag_model = njy_to_mag(obs.flux_model)
     p["onset"], p["onset_index"] = math.nan, -1
     if kind == BINARY:
-        fit = pspl_bands.fit_pspl_bands(v.time, obs.flux_model, obs.diff_flux_err, v.band,
+        fit = pspl.fit_pspl_bands(v.time, obs.flux_model, obs.diff_flux_err, v.band,
                                         true_params=(p["t0"], p["u0"], p["tE"]))
         model = fit.flux(v.time, v.band)
         mag_pspl = njy_to_mag(np.maximum(model, 1e-12))
