@@ -265,6 +265,10 @@ def load(path: str | Path) -> Dataset:
     missing = [k for k in required if k not in arrays]
     if missing:
         raise DatasetError(f"{path}: missing array(s) {', '.join(missing)}")
+    p = len(arrays["time"])
+    for k in POINT_FIELDS[1:] + (V2_POINT_FIELDS if measured else ()):
+        if len(arrays[k]) != p:     # before anything is derived from them
+            raise DatasetError(f"{path}: {k} has length {len(arrays[k])}, time has {p}")
     extra = {}
     if measured:
         extra = {"band": arrays["band"].astype(np.uint8), "detected": arrays["detected"].astype(bool),
