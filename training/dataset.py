@@ -32,9 +32,9 @@ Event arrays (length N):
   fs                   float64  source flux fraction of the baseline flux there (1 = no blending)
   dchi2                float64  detectability: chi2 of the best PSPL fit to the noise-free
                                 binary light curve on its visits under their errors (NaN for PSPL)
-  onset                float64  detectability onset: time of the first visit at which the
-                                cumulative chi2 of that best PSPL reaches ``meta["onset_dchi2"]``
-                                (NaN: never, and for PSPL)
+  onset                float64  detectability onset: time of the first visit at which the best
+                                PSPL fit to the visits so far has chi2 >= ``meta["onset_dchi2"]``
+                                (NaN: never, and for PSPL; ``training.detectability.onset``)
   onset_index          float64  that visit's index in the event (-1: never)
   source_mag, blend_mag  float64 (N, B)  per-band magnitudes of source and blend, bands in
                                 ``meta["bands"]`` order (+inf: no blend)

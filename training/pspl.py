@@ -381,26 +381,28 @@ def _step_quantities(G, S1, SF, sw, sf, sff):
     return a, b, chi2, H, grad
 
 
-def _levenberg_marquardt(t, F, w, theta, max_iter, rtol, atol):
+def _levenberg_marquardt(t, F, w, theta, max_iter, rtol, atol, stop_below=None):
     """Refine the rows of theta (K,3) together; returns (theta, a, b, chi2, iterations)."""
     sw, sf, sff = float(w.sum()), float(w @ F), float(w @ (F * F))
     theta, cur, it = _lm_loop(lambda th: [_step_quantities(*g, sw, sf, sff)
                                           for g in zip(*_sums(t, F, w, th))],
-                              theta, max_iter, rtol, atol)
+                              theta, max_iter, rtol, atol, stop_below)
     a = np.array([c[0] for c in cur])
     b = np.array([c[1] for c in cur])
     chi2 = np.array([c[2] for c in cur])
     return theta, a, b, chi2, it
 
 
-def _lm_loop(evaluate, theta, max_iter, rtol, atol):
+def _lm_loop(evaluate, theta, max_iter, rtol, atol, stop_below=None):
     """Levenberg-Marquardt over the rows of theta (K,3) = (t0, ln u0, ln tE) together.
     ``evaluate(rows)`` gives, per row, (fluxes a, fluxes b, chi2, H, grad): the projected
     problem's Gauss-Newton matrix and gradient (None where the source flux is 0). A step
     is kept only if chi^2 falls; t0 moves at most 2 tE and ln u0, ln tE at most 1.5 a
     step; a row stops when its chi^2 improves by less than max(rtol chi^2, atol), when
-    its damping passes 1e7, or from step 3 when it is far behind the best row.
-    Returns (theta, the rows' last quantities, iterations)."""
+    its damping passes 1e7, or from step 3 when it is far behind the best row; all stop
+    once a row's chi^2 is below ``stop_below`` (a caller that only asks whether the best
+    chi^2 reaches a threshold: the answer is then no). Returns (theta, the rows' last
+    quantities, iterations)."""
     theta = theta.copy()
     K = theta.shape[0]
     cur = evaluate(theta)
@@ -409,7 +411,7 @@ def _lm_loop(evaluate, theta, max_iter, rtol, atol):
     it = 0
     for it in range(1, max_iter + 1):
         idx = [k for k in range(K) if active[k]]
-        if not idx:
+        if not idx or (stop_below is not None and min(c[2] for c in cur) < stop_below):
             break
         trial = theta[idx].copy()
         for row, k in enumerate(idx):
@@ -447,7 +449,8 @@ def _lm_loop(evaluate, theta, max_iter, rtol, atol):
 
 def fit_pspl(t: np.ndarray, flux: np.ndarray, flux_err, true_params=None, n_refine: int = 3,
              max_iter: int = 30, rtol: float = 1e-5, atol: float = 1e-2,
-             coarse_points: int = 400, rank_points: int = 400, coarse_iter: int = 10) -> PsplFit:
+             coarse_points: int = 400, rank_points: int = 400, coarse_iter: int = 10,
+             stop_below: float | None = None) -> PsplFit:
     """Best PSPL fit (weighted least squares in flux) of one light curve.
 
     ``t`` must be increasing; ``flux_err`` a scalar or one value per point.
@@ -457,7 +460,9 @@ def fit_pspl(t: np.ndarray, flux: np.ndarray, flux_err, true_params=None, n_refi
     ``coarse_points`` points, and the best of those on all points, each until
     its chi^2 improves by less than max(``rtol`` chi^2, ``atol``) (100 times that on the
     subsample) or after ``max_iter`` iterations (``coarse_iter`` on the subsample).
-    The chi^2 returned is recomputed from the residuals.
+    The chi^2 returned is recomputed from the residuals. ``stop_below``: stop refining
+    once the chi^2 on all points is below it (then the result is a fit under that chi^2,
+    not the best one: for a caller that asks "can a PSPL fit these points to < x?").
     """
     t = np.ascontiguousarray(t, dtype=np.float64)
     F = np.ascontiguousarray(flux, dtype=np.float64)
@@ -480,7 +485,7 @@ def fit_pspl(t: np.ndarray, flux: np.ndarray, flux_err, true_params=None, n_refi
         theta, _, _, chi2, n_iter = _levenberg_marquardt(ts, Fs, ws, theta, coarse_iter,
                                                          100 * rtol, 100 * atol)
         theta = theta[[int(np.argmin(chi2))]]
-    theta, a, b, chi2, it = _levenberg_marquardt(t, F, w, theta, max_iter, rtol, atol)
+    theta, a, b, chi2, it = _levenberg_marquardt(t, F, w, theta, max_iter, rtol, atol, stop_below)
     j = int(np.argmin(chi2))
     t0, u0, tE = float(theta[j, 0]), float(np.exp(theta[j, 1])), float(np.exp(theta[j, 2]))
     model = a[j] * magnification(t, t0, u0, tE) + b[j]
@@ -538,14 +543,15 @@ def _band_quantities(t, F, w, masks, lin, theta):
 
 def fit_pspl_bands(t: np.ndarray, flux: np.ndarray, flux_err, band: np.ndarray, true_params=None,
                    n_refine: int = 3, max_iter: int = 30, rtol: float = 1e-5, atol: float = 1e-2,
-                   coarse_points: int = 600, coarse_iter: int = 10) -> PsplBandsFit:
+                   coarse_points: int = 600, coarse_iter: int = 10,
+                   stop_below: float | None = None) -> PsplBandsFit:
     """Best PSPL fit of a light curve in several bands (weighted least squares in flux):
     microlensing is achromatic, so one (t0, u0, tE); the source and blend fluxes differ
     per band (their colours differ), a >= 0 and b free per band, each in closed form as in
     :func:`fit_pspl`, whose starts (from the curve relative to each band's median), start
     ranking, subsampled coarse pass and Levenberg-Marquardt steps it uses. ``band``: small
     integer codes per point (they index the result's flux arrays). ``t`` increasing.
-    The chi^2 returned is recomputed from the residuals."""
+    The chi^2 returned is recomputed from the residuals; ``stop_below`` as for fit_pspl."""
     t = np.ascontiguousarray(t, dtype=np.float64)
     F = np.ascontiguousarray(flux, dtype=np.float64)
     w = np.ascontiguousarray(np.broadcast_to(1.0 / np.square(np.asarray(flux_err, dtype=np.float64)),
@@ -568,12 +574,12 @@ def fit_pspl_bands(t: np.ndarray, flux: np.ndarray, flux_err, band: np.ndarray, 
                            float(wF @ Fm))[2]
     theta = starts[_pick_starts(starts, chi2, n_refine)]
 
-    def run(tt, FF, ww, bb, rows, iters, rt, at):
+    def run(tt, FF, ww, bb, rows, iters, rt, at, stop=None):
         ms = [bb == b for b in range(n_bands)]
         ms = [m if m.any() else None for m in ms]
         lin = [(0.0, 0.0, 0.0) if m is None else
                (float(ww[m].sum()), float(ww[m] @ FF[m]), float(ww[m] @ (FF[m] * FF[m]))) for m in ms]
-        return _lm_loop(lambda th: _band_quantities(tt, FF, ww, ms, lin, th), rows, iters, rt, at)
+        return _lm_loop(lambda th: _band_quantities(tt, FF, ww, ms, lin, th), rows, iters, rt, at, stop)
 
     k = max(1, -(-t.size // coarse_points))
     n_iter = 0
@@ -581,7 +587,7 @@ def fit_pspl_bands(t: np.ndarray, flux: np.ndarray, flux_err, band: np.ndarray, 
         theta, cur, n_iter = run(t[::k], F[::k], w[::k], band[::k], theta, coarse_iter, 100 * rtol,
                                  100 * atol)
         theta = theta[[int(np.argmin([c[2] for c in cur]))]]
-    theta, cur, it = run(t, F, w, band, theta, max_iter, rtol, atol)
+    theta, cur, it = run(t, F, w, band, theta, max_iter, rtol, atol, stop_below)
     j = int(np.argmin([c[2] for c in cur]))
     fit = PsplBandsFit(float(theta[j, 0]), float(np.exp(theta[j, 1])), float(np.exp(theta[j, 2])),
                        np.asarray(cur[j][0], dtype=np.float64), np.asarray(cur[j][1], dtype=np.float64),

@@ -146,9 +146,10 @@ WIDE_SHARED_PRIORS = {"u0": U(0.001, 1.0), "tE": LogU(5.0, 250.0), "fs": LogU(0.
 SHARED_PRIORS = ("set", "wide")
 
 
-# Detectability onset: the first visit at which the cumulative chi^2 of the best PSPL fit
-# (to the whole noise-free binary curve) reaches this; 160 is the Delta chi^2 of Penny et
-# al. 2019 (after Bennett & Rhie 2002) for a detection, and the threshold `detectable` uses.
+# Detectability onset (training.detectability.onset): the first visit at which the best
+# PSPL fit to the visits so far has a chi^2 of at least this; 160 is the Delta chi^2 of
+# Penny et al. 2019 (after Bennett & Rhie 2002) for a detection, the threshold that
+# `detectable` uses on the whole curve.
 ONSET_DCHI2 = 160.0
 
 
@@ -253,14 +254,6 @@ def draw_parameters(rng: np.random.Generator, kind: int, config: SimulationConfi
     return p
 
 
-def onset(t: np.ndarray, chi2_per_point: np.ndarray, threshold: float = ONSET_DCHI2) -> tuple[float, int]:
-    """(time, index) of the first point at which the cumulative chi^2 reaches ``threshold``;
-    (NaN, -1) when it never does. The points are in time order."""
-    c = np.cumsum(chi2_per_point)
-    hit = np.flatnonzero(c >= threshold)
-    return (float(t[hit[0]]), int(hit[0])) if len(hit) else (math.nan, -1)
-
-
 def simulate_event(kind: int, index: int, config: SimulationConfig) -> dict:
     """Simulate one event through the config's survey; returns its times, magnitudes,
     parameters (PARAM_FIELDS order), the number of failed binary computations and, for
@@ -305,7 +298,12 @@ def _grid_event(kind: int, index: int, config: SimulationConfig) -> dict:
         mag_pspl = physics.flux_to_mag(np.maximum(fit.flux(t), 1e-12), p["baseline_mag"])
         p["dchi2"] = fit.chi2
         sigma = physics.mag_err_to_flux_err(F, config.mag_error_std)
-        p["onset"], p["onset_index"] = onset(t, np.square((F - fit.flux(t)) / sigma))
+        tp = (p["t0"], p["u0"], p["tE"])
+        p["onset_index"] = detectability.onset(
+            t, fit.chi2_per_point(t, F, sigma),
+            lambda n: detectability.fit_pspl(t[:n], F[:n], sigma[:n], true_params=tp,
+                                             stop_below=ONSET_DCHI2).chi2, ONSET_DCHI2)
+        p["onset"] = float(t[p["onset_index"]]) if p["onset_index"] >= 0 else math.nan
     else:
         mag_pspl = mag_model
         p["dchi2"] = math.nan
@@ -332,20 +330,20 @@ def _survey_event(kind: int, index: int, config: SimulationConfig) -> dict:
     whose binary magnification fails, is drawn again from the event's own stream."""
     prof = config.profile
     rng = event_rng(config.seed, kind, index)
-    failures = 0
+    failures = unobserved = 0
     while True:
         p = draw_parameters(rng, kind, config)
         v = sv.visits(prof, rng, p["t0"], p["tE"])
         if len(v.time) < MIN_POINTS:
-            failures += 1
+            unobserved += 1
         else:
             A = _magnification(kind, v.time, p, config)
             if A is not None:
                 break
             failures += 1
-        if failures >= MAX_FAILURES_PER_EVENT:
+        if failures + unobserved >= MAX_FAILURES_PER_EVENT:
             raise RuntimeError(f"event {index} of kind {kind} (seed {config.seed}, survey {prof.name}): "
-                               f"{failures} draws in a row unobserved or failed; last parameters {p}")
+                               f"{failures + unobserved} draws in a row unobserved or failed; last parameters {p}")
     src, blend = sv.band_magnitudes(prof, p["baseline_mag"], p["fs"], p["source_gi"], p["blend_gi"],
                                     p["extinction"])
     obs = sv.observe(prof, rng, v, A, src, blend)
@@ -362,12 +360,18 @@ def _survey_event(kind: int, index: int, config: SimulationConfig) -> dict:
         model = fit.flux(v.time, v.band)
         mag_pspl = njy_to_mag(np.maximum(model, 1e-12))
         p["dchi2"] = fit.chi2
-        p["onset"], p["onset_index"] = onset(v.time, np.square((obs.flux_model - model) / obs.diff_flux_err))
+        tp = (p["t0"], p["u0"], p["tE"])
+        t, F, e, b = v.time, obs.flux_model, obs.diff_flux_err, v.band
+        p["onset_index"] = detectability.onset(
+            t, np.square((F - model) / e),
+            lambda n: pspl.fit_pspl_bands(t[:n], F[:n], e[:n], b[:n], true_params=tp,
+                                          stop_below=ONSET_DCHI2).chi2, ONSET_DCHI2)
+        p["onset"] = float(t[p["onset_index"]]) if p["onset_index"] >= 0 else math.nan
     else:
         mag_pspl = mag_model
         p["dchi2"] = math.nan
     return {"time": v.time, "mag": mag, "mag_err": mag_err, "mag_model": mag_model, "mag_pspl": mag_pspl,
-            "params": [p[k] for k in PARAM_FIELDS], "failures": failures,
+            "params": [p[k] for k in PARAM_FIELDS], "failures": failures, "unobserved": unobserved,
             "band": np.array([sv.BAND_CODE[prof.band_names[b]] for b in v.band], dtype=np.uint8),
             "sci_flux": sci, "sci_flux_err": sci_err, "diff_flux": obs.diff_flux,
             "diff_flux_err": obs.diff_flux_err, "detected": obs.detected, "m5": v.m5,
@@ -402,6 +406,7 @@ def simulate_chunk(kind: int, start: int, stop: int, config: SimulationConfig) -
            for k in ("mag", "mag_model", "mag_pspl")},
         "params": np.array([e["params"] for e in events], dtype=np.float64).reshape(-1, len(PARAM_FIELDS)),
         "failures": int(sum(e["failures"] for e in events)),
+        "unobserved": int(sum(e.get("unobserved", 0) for e in events)),
     }
     if "band" in events[0]:               # a survey profile: its visit data
         for k in SURVEY_POINT_FIELDS:
@@ -520,6 +525,7 @@ def simulate(n_pspl: int, n_binary: int, config: SimulationConfig | None = None,
     ids = np.where(kinds == PSPL, event_id(config.seed, PSPL, index),
                    event_id(config.seed, BINARY, index))
     failures = int(sum(r["failures"] for r in parts))
+    unobserved = int(sum(r["unobserved"] for r in parts))
     shared = shared_priors(config, BINARY)
     priors = {**PARAMETER_SETS[config.parameter_set], "u0": shared["u0"], "tE": shared["tE"]}
     meta = {
@@ -542,6 +548,7 @@ def simulate(n_pspl: int, n_binary: int, config: SimulationConfig | None = None,
         "mag_error_std": float(config.mag_error_std),
         "n_pspl": int(n_pspl), "n_binary": int(n_binary),
         "failures_resampled": failures,
+        "unobserved_redrawn": unobserved,     # survey draws with < MIN_POINTS visits (Roman: t0 between seasons)
         "vbm_tol": float(config.vbm_tol),
         "binary_model": "VBMicrolensing BinaryLightCurve, finite uniform source, static",
         "detectability": "dchi2 = chi2 of the best PSPL fit (t0, u0, tE; source flux >= 0 and "
@@ -571,7 +578,7 @@ def simulate(n_pspl: int, n_binary: int, config: SimulationConfig | None = None,
     else:
         extra["mag_err"] = np.full(len(take), config.mag_error_std, dtype=np.float32)
     meta.update(survey=prof.describe(), bands=list(prof.band_names), onset_dchi2=ONSET_DCHI2,
-                onset="first visit at which the cumulative chi2 of that best PSPL fit reaches onset_dchi2")
+                onset="first visit at which the best PSPL fit to the visits so far has chi2 >= onset_dchi2")
     ds = Dataset(offsets=offsets, time=point["time"][take], mag=point["mag"][take],
                  mag_model=point["mag_model"][take], mag_pspl=point["mag_pspl"][take],
                  event_id=ids[order].astype(np.int64), label=kinds[order].astype(np.int8),
@@ -691,9 +698,12 @@ def summary(ds: Dataset) -> str:
            f"{np.median(det):.0f} ({np.mean(det) / max(np.mean(lens), 1e-9):.0%} of visits); bands {bands}")
     d = ds.params["dchi2"][ds.label == 1]
     if d.size:
-        on = ds.params["onset_index"][ds.label == 1] >= 0
+        b = ds.label == 1
+        on = ds.params["onset_index"][b] >= 0
+        rel = (ds.params["onset"][b][on] - ds.params["t0"][b][on]) / ds.params["tE"][b][on]
         out += (f"; binaries with dchi2 >= 160 on the survey's visits: {np.mean(d >= 160):.1%} "
-                f"(<25: {np.mean(d < 25):.1%}, median {np.median(d):.0f}; onset found for {np.mean(on):.1%})")
+                f"(<25: {np.mean(d < 25):.1%}, median {np.median(d):.0f}); onset median "
+                + (f"t0 {np.median(rel):+.2f} tE" if len(rel) else "-"))
     return out
 
 
@@ -731,7 +741,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {output}: {n} events ({args.n_pspl} PSPL, {args.n_binary} binary), "
           f"{len(ds.time)} points, {elapsed:.1f} s ({n / elapsed:.1f} events/s with "
           f"{args.workers} worker(s)); VBMicrolensing failures resampled: "
-          f"{ds.meta['failures_resampled']}")
+          f"{ds.meta['failures_resampled']}" + (f", unobserved draws redrawn: {ds.meta['unobserved_redrawn']}"
+                                                  if ds.meta["unobserved_redrawn"] else ""))
     print(summary(ds))
     if args.plot:
         from training.survey_plot import plot_survey

@@ -315,38 +315,56 @@ class Visits:
 
 
 def _nightly(prof: Profile, rng: np.random.Generator) -> Visits:
+    """Rubin: per year, scheduled nights every revisit_min..max nights through the season
+    (a random phase), each lost with ``night_loss``; an observed night has a visit at the
+    night's middle +- ``night_span_h`` in a band drawn by weight, and with ``pair_prob`` a
+    second one ``pair_gap_min`` later in a partner band (``PAIRS``, by weight). Vectorised
+    per season (one draw of each kind per night)."""
     names = prof.band_names
     w = np.array([prof.bands[b].weight for b in names], dtype=np.float64)
-    w /= w.sum()
+    cdf = np.cumsum(w / w.sum())
+    # per first band: its partners' indices and their cumulative weights
+    partners = []
+    for b in names:
+        idx = np.array([names.index(x) for x in PAIRS[b] if x in prof.bands], dtype=np.int64)
+        pw = w[idx] if len(idx) else np.zeros(0)
+        partners.append((idx, np.cumsum(pw / pw.sum()) if len(idx) and pw.sum() > 0 else
+                         np.linspace(1.0 / max(len(idx), 1), 1.0, len(idx))))
     times, bands = [], []
     years = int(math.ceil(prof.duration_days / 365.25))
+    lo_gap, hi_gap = prof.revisit_min_nights, prof.revisit_max_nights
     for y in range(years):
         start = y * 365.25 + prof.season_start_day
-        night = start + float(rng.integers(0, prof.revisit_max_nights))   # phase within the revisit
-        end = start + prof.season_days
-        while night < end:
-            if rng.random() >= prof.night_loss:
-                t1 = math.floor(night) + 0.5 + rng.uniform(-prof.night_span_h, prof.night_span_h) / 24.0
-                b1 = int(rng.choice(len(names), p=w))
-                times.append(t1)
-                bands.append(b1)
-                if rng.random() < prof.pair_prob:
-                    partners = [names.index(p) for p in PAIRS[names[b1]] if p in prof.bands]
-                    if partners:
-                        pw = w[partners] / w[partners].sum() if w[partners].sum() > 0 else None
-                        b2 = int(partners[int(rng.choice(len(partners), p=pw))])
-                        times.append(t1 + prof.pair_gap_min / 1440.0)
-                        bands.append(b2)
-            night += float(rng.integers(prof.revisit_min_nights, prof.revisit_max_nights + 1))
-    t = np.asarray(times, dtype=np.float64)
-    b = np.asarray(bands, dtype=np.int64)
+        n_max = int(prof.season_days // lo_gap) + 2
+        nights = start + float(rng.integers(0, hi_gap)) + np.concatenate(
+            [[0.0], np.cumsum(rng.integers(lo_gap, hi_gap + 1, n_max - 1))])
+        nights = nights[nights < start + prof.season_days]
+        n = len(nights)
+        seen = rng.random(n) >= prof.night_loss
+        t1 = np.floor(nights) + 0.5 + rng.uniform(-prof.night_span_h, prof.night_span_h, n) / 24.0
+        b1 = np.minimum(np.searchsorted(cdf, rng.random(n), side="right"), len(names) - 1)
+        pair = rng.random(n) < prof.pair_prob
+        u2 = rng.random(n)
+        b2 = np.full(n, -1, dtype=np.int64)
+        for j in range(len(names)):
+            idx, pc = partners[j]
+            m = (b1 == j) & pair
+            if len(idx) and m.any():
+                b2[m] = idx[np.minimum(np.searchsorted(pc, u2[m], side="right"), len(idx) - 1)]
+        keep1 = seen
+        keep2 = seen & (b2 >= 0)
+        times += [t1[keep1], t1[keep2] + prof.pair_gap_min / 1440.0]
+        bands += [b1[keep1], b2[keep2]]
+    t = np.concatenate(times) if times else np.zeros(0)
+    b = np.concatenate(bands).astype(np.int64) if bands else np.zeros(0, np.int64)
     keep = (t >= 0.0) & (t < prof.duration_days)
     t, b = t[keep], b[keep]
+    order = np.argsort(t, kind="stable")
+    t, b = t[order], b[order]
     base = np.array([prof.bands[n].m5 for n in names])[b] - prof.crowding_mag
     scat = np.array([prof.bands[n].m5_scatter for n in names])[b]
     m5 = base + scat * rng.standard_normal(len(t))
-    order = np.argsort(t, kind="stable")
-    return Visits(t[order], b[order], m5[order].astype(np.float32))
+    return Visits(t, b, m5.astype(np.float32))
 
 
 def _continuous(prof: Profile, t0: float, tE: float) -> Visits:
