@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,16 +37,6 @@ BENCH_ARGS = ["--alerts", "60000", "--warm-points", "0", "--naive-alerts", "300"
               "--latency-events", "10", "--torch-threads", "1"]
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3, help="runs per setting (default: 3)")
@@ -59,7 +48,7 @@ def main() -> int:
     out = Path(a.output) if a.output else root / "rows"
     out.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ULENS_")}
-    kport, cport, *rports = free_ports(2 + len(SETTINGS))
+    kport, cport, *rports = svc.free_ports(2 + len(SETTINGS))
     confs, settings = {}, {}
     for mode, rport in zip(SETTINGS, rports):
         data = {"kafka": {"bootstrap_servers": f"127.0.0.1:{kport}"},

@@ -1,11 +1,11 @@
 """Shared test helpers. Test alerts are built only here, through the real schema."""
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 
 from schemas import default_codec, samples
+from ulens.services import free_ports  # noqa: F401  (the tests' private services use it from here)
 
 
 def mock_alert(**overrides) -> dict:
@@ -23,15 +23,6 @@ def unique(name: str) -> str:
     return f"test-{name}-{uuid.uuid4().hex[:10]}"
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` loopback ports free right now (for private services in tests)."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def assert_states_match(dump_a: dict, dump_b: dict, tol: float) -> None:

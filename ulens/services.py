@@ -116,6 +116,17 @@ def fetch_kafka(s: cfg.ServicesSettings, quiet: bool = False) -> Path:
 
 # --- process helpers -----------------------------------------------------------------
 
+def free_ports(n: int) -> list[int]:
+    """``n`` loopback ports free right now (private services: tests, benchmarks)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind((HOST, 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 def _port_open(port: int, timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection((HOST, port), timeout=timeout):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -68,6 +69,20 @@ def stored_points(client, prefix: str) -> int:
     return sum(len(v.points) for v in stored_events(client, prefix).values())
 
 
+@contextmanager
+def consuming_then_stalled(p, c: ConsumerProc, prefix: str):
+    """Wait until the consumer ``c`` stores points, then SIGSTOP the private redis-server;
+    SIGCONT it when the block ends (whatever happens in it)."""
+    client = p.redis()
+    wait_until(lambda: stored_points(client, prefix) > 500, STEP_TIMEOUT_S, "the consumer to get going")
+    pid = p.pid("redis")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def setup_stream(p, tmp_path, name: str, first_oid: int):
     topic, prefix, group = f"{name}.alerts", f"{name}-state", f"{name}-group"
     create_topics(p.bootstrap, {topic: 2, f"{name}.triggers": 1, f"{name}.dlq": 1})
@@ -84,24 +99,16 @@ def test_redis_stalled_longer_than_the_poll_interval_is_ridden_out(private_servi
     produce(p.bootstrap, topic, items[:len(items) // 2])
     client = p.redis()
     c = ConsumerProc(conf, topic, group, tmp_path, "stall", until_idle=5.0).start()
-    redis_pid = p.pid("redis")
-    stopped = False
     try:
-        wait_until(lambda: stored_points(client, prefix) > 500, STEP_TIMEOUT_S, "the consumer to get going")
-        os.kill(redis_pid, signal.SIGSTOP)
-        stopped = True
-        t_stop = time.monotonic()
-        produce(p.bootstrap, topic, items[len(items) // 2:])        # the stream goes on meanwhile
-        while time.monotonic() - t_stop < STALL_S:
-            assert c.alive(), f"consumer exited during the stall:\n{c.log()[-3000:]}"
-            time.sleep(1.0)
-        retries_logged = c.log().count("redis unavailable")
-        os.kill(redis_pid, signal.SIGCONT)
-        stopped = False
+        with consuming_then_stalled(p, c, prefix):
+            t_stop = time.monotonic()
+            produce(p.bootstrap, topic, items[len(items) // 2:])        # the stream goes on meanwhile
+            while time.monotonic() - t_stop < STALL_S:
+                assert c.alive(), f"consumer exited during the stall:\n{c.log()[-3000:]}"
+                time.sleep(1.0)
+            retries_logged = c.log().count("redis unavailable")
         rc = c.wait(STEP_TIMEOUT_S)
     finally:
-        if stopped:
-            os.kill(redis_pid, signal.SIGCONT)
         c.stop()
     log = c.log()
     assert rc == 0, log[-3000:]
@@ -124,22 +131,14 @@ def test_sigterm_while_redis_is_stalled_exits_promptly_and_loses_nothing(private
     produce(p.bootstrap, topic, items)
     client = p.redis()
     c = ConsumerProc(conf, topic, group, tmp_path, "term").start()
-    redis_pid = p.pid("redis")
-    stopped = False
     try:
-        wait_until(lambda: stored_points(client, prefix) > 500, STEP_TIMEOUT_S, "the consumer to get going")
-        os.kill(redis_pid, signal.SIGSTOP)
-        stopped = True
-        assert c.wait_for("redis unavailable", 60), c.log()[-3000:]
-        t0 = time.monotonic()
-        c.proc.send_signal(signal.SIGTERM)
-        rc = c.wait(60)
-        took = time.monotonic() - t0
-        os.kill(redis_pid, signal.SIGCONT)
-        stopped = False
+        with consuming_then_stalled(p, c, prefix):
+            assert c.wait_for("redis unavailable", 60), c.log()[-3000:]
+            t0 = time.monotonic()
+            c.proc.send_signal(signal.SIGTERM)
+            rc = c.wait(60)
+            took = time.monotonic() - t0
     finally:
-        if stopped:
-            os.kill(redis_pid, signal.SIGCONT)
         c.stop()
     assert rc == 130, c.log()[-3000:]
     assert took < 2 * REDIS["socket_timeout_s"] + 10, took

@@ -83,12 +83,11 @@ FIGURES: dict = {}                          # printed at the end of the module (
 
 
 # --- module fixtures ---------------------------------------------------------------
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("faults-data") / "events.npz"
-    subprocess.run([sys.executable, "-m", "ulens.cli", "simulate", "--n-pspl", str(N_PSPL),
-                    "--n-binary", str(N_BINARY), "--binary-params", "baseline", "--output", str(out),
-                    "--seed", str(SIM_SEED), "--workers", "2", "--quiet"],
+def simulated(out: Path, n_pspl: int, n_binary: int, seed: int, *extra: str) -> dict:
+    """`ulens simulate` into ``out``: {"path", "events": {id: (MJD, mag, err)}, "order"}."""
+    subprocess.run([sys.executable, "-m", "ulens.cli", "simulate", "--n-pspl", str(n_pspl),
+                    "--n-binary", str(n_binary), "--binary-params", "baseline", *extra, "--output", str(out),
+                    "--seed", str(seed), "--workers", "2", "--quiet"],
                    check=True, cwd=REPO, env=clean_env(), capture_output=True)
     ds = load_dataset(out)
     events = {}
@@ -96,6 +95,11 @@ def dataset(tmp_path_factory):
         t, mag, err = ds.event(i)
         events[int(ds.event_id[i])] = (START_MJD + np.asarray(t, np.float64), mag, err)
     return {"path": out, "events": events, "order": [int(x) for x in ds.event_id]}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return simulated(tmp_path_factory.mktemp("faults-data") / "events.npz", N_PSPL, N_BINARY, SIM_SEED)
 
 
 class Run:
@@ -651,18 +655,8 @@ DURABLE_EVENTS, DURABLE_MASK, DURABLE_SEED = 40, 0.8, 13   # ~300 points an even
 
 @pytest.fixture(scope="module")
 def durable_dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("durable-data") / "events.npz"
-    subprocess.run([sys.executable, "-m", "ulens.cli", "simulate", "--n-pspl", str(DURABLE_EVENTS // 2),
-                    "--n-binary", str(DURABLE_EVENTS - DURABLE_EVENTS // 2), "--binary-params", "baseline",
-                    "--cadence-mask-prob", str(DURABLE_MASK), "--output", str(out),
-                    "--seed", str(DURABLE_SEED), "--workers", "2", "--quiet"],
-                   check=True, cwd=REPO, env=clean_env(), capture_output=True)
-    ds = load_dataset(out)
-    events = {}
-    for i in range(ds.n_events):
-        t, mag, err = ds.event(i)
-        events[int(ds.event_id[i])] = (START_MJD + np.asarray(t, np.float64), mag, err)
-    return {"path": out, "events": events, "order": [int(x) for x in ds.event_id]}
+    return simulated(tmp_path_factory.mktemp("durable-data") / "events.npz", DURABLE_EVENTS // 2,
+                     DURABLE_EVENTS - DURABLE_EVENTS // 2, DURABLE_SEED, "--cadence-mask-prob", str(DURABLE_MASK))
 
 
 def test_redis_kill9_right_after_the_last_commit_loses_nothing(private_services, durable_dataset, tmp_path):
