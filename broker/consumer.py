@@ -153,8 +153,9 @@ class Broker:
         self.metrics = Metrics()
         self.assigned = threading.Event()
         self._stop = threading.Event()
-        self._paused: set[tuple[str, int]] = set()   # paused while the current batch waits
-        self._resume_all = False                     # a rebalance since the broker last paused
+        # partitions paused (waiting out a fault) or possibly given back paused (a rebalance
+        # after the broker once paused) and not resumed since
+        self._paused = False
         self._ever_paused = False
         self.partitions: list[int] = []      # currently assigned partitions of the topic
         self.consumer = None
@@ -195,7 +196,7 @@ class Broker:
     # --- lifecycle -------------------------------------------------------------------
     def _on_assign(self, consumer, partitions) -> None:
         if self._ever_paused:
-            self._resume_all = True      # a partition paused before may come back paused
+            self._paused = True          # a partition paused before may come back paused
         self.partitions = sorted(p.partition for p in partitions)
         log.info("assigned %d partition(s) of %s: %s", len(partitions), self.topic, self.partitions)
         self._assigned_at = time.monotonic()
@@ -205,7 +206,6 @@ class Broker:
         # every batch is committed before the next poll, except one waiting out a fault
         # (polled by _wait_polling): its commit is then refused and the next owner re-reads it
         gone = {p.partition for p in partitions}
-        self._paused -= {(p.topic, p.partition) for p in partitions}
         self.partitions = [p for p in self.partitions if p not in gone]
         if not self.partitions:      # (a session lost in an outage, say) idle time waits for
             self.assigned.clear()    # the next assignment
@@ -239,7 +239,7 @@ class Broker:
             if not self._subscribed and not self.subscribe(None if until_idle is None else until_idle + 60.0):
                 return self.summary
             while not self._stop.is_set():
-                if self._resume_all:         # a rebalance after a wait: nothing stays paused
+                if self._paused:             # a rebalance after a wait: nothing stays paused
                     self._resume()
                 want = c.batch_size
                 if max_alerts is not None:
@@ -339,11 +339,10 @@ class Broker:
                 self._stop.wait(timeout)
             return
         try:
-            fresh = [tp for tp in self.consumer.assignment() if (tp.topic, tp.partition) not in self._paused]
-            if fresh:
-                self.consumer.pause(fresh)
-                self._paused |= {(tp.topic, tp.partition) for tp in fresh}
-                self._ever_paused = True
+            parts = self.consumer.assignment()   # pausing a paused partition changes nothing
+            if parts:
+                self.consumer.pause(parts)
+                self._paused = self._ever_paused = True
             m = self.consumer.poll(timeout)
         except KafkaException as exc:   # the broker away too: librdkafka reconnects by itself
             log.debug("poll while waiting: %s", exc)
@@ -362,21 +361,19 @@ class Broker:
                         "restart re-reads it from the last commit", m.topic(), m.partition(),
                         m.offset(), exc)
         self.consumer.pause([TopicPartition(m.topic(), m.partition())])
-        self._paused.add((m.topic(), m.partition()))
-        self._ever_paused = True
+        self._paused = self._ever_paused = True
 
     def _resume(self) -> None:
-        """Resume every assigned partition once a wait is over. All of them, not only those
-        paused by name: a rebalance during an outage can take a paused partition away and
-        give it back (or the session may have been lost and the assignment empty when the
-        wait ended), and librdkafka may keep a partition's pause across that; a partition
-        left paused would never be read again."""
+        """Resume every assigned partition once a wait is over (or after a rebalance once the
+        broker has paused): a rebalance during an outage can take a paused partition away
+        and give it back (or the session may have been lost and the assignment empty when
+        the wait ended), and librdkafka may keep a partition's pause across that; a
+        partition left paused would never be read again."""
         from confluent_kafka import KafkaException
 
-        if not (self._paused or self._resume_all) or self.consumer is None:
+        if not self._paused or self.consumer is None:
             return
-        self._paused.clear()
-        self._resume_all = False
+        self._paused = False
         parts = self.consumer.assignment()
         if parts:
             try:

@@ -85,7 +85,6 @@ class PsplFitRule:
         self.trigger_ttl_s = max(int(trigger_ttl_s or 0), self.ttl_s)
         self.params = params
         self.version = params.version
-        self._state_prefix = state_prefix(self.prefix, params)
         self.rule = Rule(self.name, params.threshold, params.min_points, 1)
         self.chunk = int(chunk_events)
         self._sha = {}
@@ -93,10 +92,10 @@ class PsplFitRule:
 
     # keys
     def state_key(self, object_id: int) -> str:
-        return f"{self._state_prefix}:{int(object_id)}"
+        return state_key(self.prefix, self.params, object_id)
 
     def trigger_key(self, object_id: int) -> str:
-        return f"{self.prefix}:tp:{int(object_id)}"
+        return trigger_key(self.prefix, object_id)
 
     def _load_scripts(self) -> None:
         self._sha = {"save": self.r.script_load(st.lua_script("psplfit_save")),
@@ -217,16 +216,21 @@ class PsplFitRule:
         return read_fit(self.r, self.prefix, self.params, object_id)
 
 
-def state_prefix(prefix: str, params: psplfit.Params) -> str:
-    """``P:pf:<hash>``: the fit states made with these parameters (the hash of
+def state_key(prefix: str, params: psplfit.Params, object_id: int) -> str:
+    """``P:pf:<hash>:<id>``: an event's fit state made with these parameters (the hash of
     ``params.version``); another parameter set starts states of its own."""
-    return f"{prefix}:pf:{params.version.rsplit('-', 1)[-1]}"
+    return f"{prefix}:pf:{params.version.rsplit('-', 1)[-1]}:{int(object_id)}"
+
+
+def trigger_key(prefix: str, object_id: int) -> str:
+    """``P:tp:<id>``: the rule's outbox for an event, whatever the parameters."""
+    return f"{prefix}:tp:{int(object_id)}"
 
 
 def read_fit(client, prefix: str, params: psplfit.Params, object_id: int) -> Optional[dict]:
     """The stored fit state (for ``params``) and the rule's trigger of one event
     (inspection, tests)."""
-    sk, tk = f"{state_prefix(prefix, params)}:{int(object_id)}", f"{prefix}:tp:{int(object_id)}"
+    sk, tk = state_key(prefix, params, object_id), trigger_key(prefix, object_id)
     raw, trg = client.get(sk), client.get(tk)
     if raw is None and trg is None:
         return None

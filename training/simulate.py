@@ -274,15 +274,8 @@ def _grid_event(kind: int, index: int, config: SimulationConfig) -> dict:
     failures = 0
     while True:
         p = draw_parameters(rng, kind, config)
-        if kind == PSPL:
-            A = physics.pspl_magnification(t, p["t0"], p["u0"], p["tE"])
-            break
-        try:
-            A = physics.binary_magnification(t, p["t0"], p["u0"], p["tE"], p["s"], p["q"],
-                                             p["alpha"], p["rho"], tol=config.vbm_tol)
-        except physics.MagnificationError:
-            A = None
-        if A is not None and A.shape == t.shape and np.all(np.isfinite(A)) and np.all(A > 0):
+        A = _magnification(kind, t, p, config)
+        if A is not None:
             break
         failures += 1
         if failures >= MAX_FAILURES_PER_EVENT:

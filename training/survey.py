@@ -60,7 +60,7 @@ from typing import Optional
 import numpy as np
 
 import config as cfg
-from training.photometry import AB_ZEROPOINT_NJY
+from training.photometry import AB_ZEROPOINT_NJY, mag_to_njy
 
 # Band codes, shared by the dataset and the broker's state: ugrizy keep codes 0..5.
 BAND_NAMES = ("u", "g", "r", "i", "z", "y", "F062", "F087", "F106", "F129", "F146", "F158",
@@ -241,10 +241,6 @@ def load_profile(name_or_path: str) -> Profile:
 
 
 # --------------------------------------------------------------------------- photometry
-def njy(mag) -> np.ndarray:
-    return np.power(10.0, (AB_ZEROPOINT_NJY - np.asarray(mag, dtype=np.float64)) / 2.5)
-
-
 def sigma_rand(mag, m5, gamma) -> np.ndarray:
     """Ivezic et al. 2019 eq. (5): the random photometric error (~ N/S) of a point source of
     magnitude ``mag`` in a visit of 5-sigma depth ``m5``: sqrt((0.04 - gamma) x + gamma x^2),
@@ -259,7 +255,7 @@ def lsst_flux_error(flux, m5, gamma, sys_floor_mag) -> np.ndarray:
     (0.04 - gamma) F5 F`` with F5 the flux at m5, plus the systematic floor (a fraction
     ``sys_floor_mag / 1.0857`` of the flux) in quadrature."""
     f = np.asarray(flux, dtype=np.float64)
-    f5 = njy(m5)
+    f5 = mag_to_njy(m5)
     var = gamma * f5 * f5 + (0.04 - gamma) * f5 * np.maximum(f, 0.0)
     return np.sqrt(var + np.square(sys_floor_mag / MAG_PER_FRACTION * f))
 
@@ -295,7 +291,7 @@ def band_magnitudes(prof: Profile, baseline_mag: float, fs: float, source_gi: fl
     ``fs`` there. fs = 1 has no blend: its magnitudes are +inf (zero flux)."""
     bands = prof.band_names
     ref = bands.index(prof.reference_band)
-    f_total = njy(baseline_mag)
+    f_total = mag_to_njy(baseline_mag)
     src_off = colour_offsets(source_gi, extinction, bands)
     bl_off = colour_offsets(blend_gi, extinction, bands)
     src_ref = AB_ZEROPOINT_NJY - 2.5 * math.log10(fs * f_total)
@@ -447,7 +443,7 @@ def observe(prof: Profile, rng: np.random.Generator, v: Visits, magnification: n
     ``v.time``) with per-band source and blend magnitudes. Draw order (for reproducibility):
     the templates (one per band), then one normal deviate per visit."""
     names = prof.band_names
-    fs_b, fb_b = njy(source_mag), njy(blend_mag)          # +inf mag -> 0 flux
+    fs_b, fb_b = mag_to_njy(source_mag), mag_to_njy(blend_mag)          # +inf mag -> 0 flux
     base = fs_b + fb_b
     model = fs_b[v.band] * magnification + fb_b[v.band]
     err = np.empty(len(v.time))

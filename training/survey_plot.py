@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from training import survey as sv
+from training.photometry import mag_to_njy
 
 BAND_COLOURS = {"u": "#56b4e9", "g": "#009e73", "r": "#d55e00", "i": "#cc79a7", "z": "#7f7f7f",
                 "y": "#000000", "F146": "#e69f00", "F087": "#0072b2"}
@@ -60,10 +61,10 @@ def plot_survey(ds, out_dir, n_each: int = 3) -> Path:
             ax.errorbar(tm[~d], f[~d], e[~d], fmt="o", ms=3.5, mfc="none", color=c, alpha=0.6,
                         elinewidth=0.4, label=f"{band} forced")
             tmpl = ds.sci_flux[a:b][m] - ds.diff_flux[a:b][m]      # the band's template
-            model = 10 ** ((31.4 - ds.mag_model[a:b][m]) / 2.5) - tmpl
+            model = mag_to_njy(ds.mag_model[a:b][m]) - tmpl
             ax.plot(tm, model, "-", color=c, lw=0.8)
             if ds.label[i] == 1:
-                ax.plot(tm, 10 ** ((31.4 - ds.mag_pspl[a:b][m]) / 2.5) - tmpl, "--", color=c, lw=0.7)
+                ax.plot(tm, mag_to_njy(ds.mag_pspl[a:b][m]) - tmpl, "--", color=c, lw=0.7)
         ax.axvline(t0, color="k", lw=0.5, ls=":")
         on = ds.params["onset"][i]
         if np.isfinite(on):
