@@ -69,6 +69,8 @@ class Points:
     mag_err: np.ndarray      # float32, from scienceFluxErr
     produced_us: np.ndarray  # int64 alertProducedUs
     band: np.ndarray         # uint8 band code (broker.state.band_codes)
+    ra: np.ndarray           # float64 degrees (ICRS), of the alert
+    dec: np.ndarray          # float64 degrees (ICRS)
 
     def __len__(self) -> int:
         return len(self.object_id)
@@ -76,8 +78,8 @@ class Points:
     @classmethod
     def empty(cls) -> "Points":
         z = np.empty(0, dtype=np.int64)
-        return cls(z, z, z.astype(np.float64), z.astype(np.float32), z.astype(np.float32), z,
-                   z.astype(np.uint8))
+        f8 = z.astype(np.float64)
+        return cls(z, z, f8, z.astype(np.float32), z.astype(np.float32), z, z.astype(np.uint8), f8, f8)
 
 
 def codec_reason(exc: CodecError) -> str:
@@ -191,7 +193,8 @@ def validate_batch(codec, values: list, keys: list, max_mjd: Optional[float] = N
             ok[j] = False
     pts = Points(col("diaObjectId", np.int64)[ok], col("diaSourceId", np.int64)[ok],
                  col("midpointMjdTai", np.float64)[ok], mag[ok], err[ok],
-                 col("alertProducedUs", np.int64)[ok], st.band_codes(r["band"] for r in recs)[ok])
+                 col("alertProducedUs", np.int64)[ok], st.band_codes(r["band"] for r in recs)[ok],
+                 col("ra", np.float64)[ok], col("dec", np.float64)[ok])
     return pts, [i for i, good in zip(idx, ok) if good], rejected
 
 

@@ -1,7 +1,11 @@
 """Versioned Avro schemas and the wire codec (Confluent framing).
 
 Frame: magic byte 0, 4-byte big-endian schema id, Avro binary body (schemaless).
-Schema ids and the ``latest`` id of each kind live in ``registry.json`` only.
+Schema ids and the ``latest`` id of each kind of our own schemas live in ``registry.json``
+only. Other schemas (Rubin's ``lsst.vN_M`` alert packets) join a codec at run time:
+:meth:`Codec.add_schema` for schemas read from disk, and a ``resolver`` (id -> schema
+JSON, e.g. a Confluent-compatible Schema Registry) asked once per unknown id; a schema id
+is immutable, so what it answers is kept for the codec's life.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import json
 import struct
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import Any, Callable, Optional
 
 import fastavro
 
@@ -64,10 +68,28 @@ def samples(schema_id: int) -> list[dict]:
             if p.name.endswith(".json")]
 
 
-class Codec:
-    """Encode and decode framed Avro messages for every schema in the registry."""
+def kind_of_schema(schema: dict) -> str:
+    """The kind of a schema by its full name: ``lsst.vN_M.alert`` (Rubin's packet) is
+    ``rubin``; ``ulens.<kind>.vN_M.<kind>`` is ``<kind>``."""
+    name = schema.get("name", "") if isinstance(schema, dict) else ""
+    ns = schema.get("namespace", "") if isinstance(schema, dict) else ""
+    full = name if "." in name else f"{ns}.{name}"
+    parts = full.split(".")
+    if parts[0] == "lsst" and parts[-1] == "alert":
+        return "rubin"
+    if parts[0] == "ulens" and len(parts) >= 2:
+        return parts[1]
+    raise CodecError(f"schema {full!r} is neither a Rubin alert packet (lsst.vN_M.alert) nor one "
+                     f"of ours (ulens.<kind>.vN_M.<kind>)")
 
-    def __init__(self) -> None:
+
+class Codec:
+    """Encode and decode framed Avro messages for every schema in the registry, those added
+    with :meth:`add_schema`, and those the ``resolver`` finds for an unknown id."""
+
+    def __init__(self, resolver: Optional[Callable[[int], Optional[dict]]] = None) -> None:
+        self._resolver = resolver
+        self._unresolvable: set[int] = set()
         reg = registry()
         self.latest: dict[str, int] = {k: int(v) for k, v in reg["latest"].items()}
         self._parsed: dict[int, Any] = {}
@@ -76,6 +98,34 @@ class Codec:
             self._parsed[int(sid)] = fastavro.parse_schema(load_schema_json(int(sid)))
             self._kind[int(sid)] = path.split("/", 1)[0]
         self._headers = {sid: HEADER.pack(MAGIC, sid) for sid in self._parsed}
+
+    def add_schema(self, schema_id: int, schema, kind: Optional[str] = None) -> None:
+        """Make ``schema_id`` known: ``schema`` is the schema JSON (dict) or already parsed
+        by fastavro; ``kind`` defaults to :func:`kind_of_schema`. An id already known with
+        another schema is an error (ids are immutable)."""
+        sid = int(schema_id)
+        parsed = schema if isinstance(schema, dict) and "__fastavro_parsed" in schema \
+            else fastavro.parse_schema(schema)
+        if sid in self._parsed and self._parsed[sid] != parsed:
+            raise CodecError(f"schema id {sid} is already known with another schema")
+        self._parsed[sid] = parsed
+        self._kind[sid] = kind or kind_of_schema(parsed)
+        self._headers[sid] = HEADER.pack(MAGIC, sid)
+
+    def known(self, schema_id: int) -> bool:
+        """Whether ``schema_id`` decodes here (asks the resolver once for an unknown id)."""
+        return self._schema(schema_id) is not None
+
+    def _schema(self, sid: int):
+        schema = self._parsed.get(sid)
+        if schema is None and self._resolver is not None and sid not in self._unresolvable:
+            found = self._resolver(sid)   # may raise (registry unreachable): not cached then
+            if found is None:
+                self._unresolvable.add(sid)
+            else:
+                self.add_schema(sid, found)
+                schema = self._parsed[sid]
+        return schema
 
     def schema_id(self, kind: str) -> int:
         try:
@@ -88,7 +138,7 @@ class Codec:
 
     def encode(self, record: dict, kind: str = "alert", schema_id: int | None = None) -> bytes:
         sid = self.schema_id(kind) if schema_id is None else schema_id
-        if sid not in self._parsed:
+        if self._schema(sid) is None:
             raise UnknownSchemaId(f"unknown schema id {sid}")
         buf = io.BytesIO()
         buf.write(self._headers[sid])
@@ -107,7 +157,7 @@ class Codec:
         magic, sid = HEADER.unpack_from(data)
         if magic != MAGIC:
             raise BadMagicByte(f"magic byte is {magic & 0xFF}, expected {MAGIC}")
-        schema = self._parsed.get(sid)
+        schema = self._schema(sid)
         if schema is None:
             raise UnknownSchemaId(f"unknown schema id {sid}")
         buf = io.BytesIO(data)
@@ -124,11 +174,18 @@ class Codec:
                           f"(schema id {sid})")
         return sid, record
 
-    def decode_kind(self, data: bytes, kind: str) -> dict:
+    def decode_kind(self, data: bytes, kind) -> dict:
+        """The record of a message of ``kind`` (a name, or a tuple of accepted names)."""
+        return self.decode_kinds(data, kind)[1]
+
+    def decode_kinds(self, data: bytes, kinds) -> tuple[str, dict]:
+        """(kind, record) of a message whose kind is ``kinds`` (a name or a tuple of names)."""
+        accepted = (kinds,) if isinstance(kinds, str) else tuple(kinds)
         sid, record = self.decode(data)
-        if self._kind[sid] != kind:
-            raise WrongKind(f"schema id {sid} is a {self._kind[sid]}, expected a {kind}")
-        return record
+        if self._kind[sid] not in accepted:
+            raise WrongKind(f"schema id {sid} is a {self._kind[sid]}, expected "
+                            f"{' or '.join(accepted)}")
+        return self._kind[sid], record
 
 
 @lru_cache(maxsize=1)

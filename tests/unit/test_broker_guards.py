@@ -114,7 +114,8 @@ def test_unreadable_headers_are_left_out_and_said():
 def test_append_outcomes_map_each_status():
     n = 6
     pts = Points(np.full(n, 7), np.arange(n) + 100, 60000.0 + np.arange(n), np.zeros(n, np.float32),
-                 np.zeros(n, np.float32), np.zeros(n, np.int64), np.zeros(n, np.uint8))
+                 np.zeros(n, np.float32), np.zeros(n, np.int64), np.zeros(n, np.uint8),
+                 np.zeros(n), np.zeros(n))
     kept = [10, 11, 12, 13, 14, 15]
     statuses = st.APPENDED + st.DUPLICATE + st.OUT_OF_ORDER + st.CONFLICT + st.DUPLICATE_UNVERIFIED + st.CHANGED
     app, dup, dead = append_outcomes(statuses, np.arange(n), pts, kept)
