@@ -18,10 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def format_event(d: dict) -> str:
+    refs = " ".join(f"{b} {m:.4f}" for b, m in d["reference_mag"].items()) or "-"
+    counts = " ".join(f"{b} {n}" for b, n in d["points_per_band"].items()) or "-"
     lines = [f"event {d['diaObjectId']}: {d['n_total']} points ({d['n_stored']} stored, "
-             f"{d['n_dropped']} dropped, {d['n_scored']} scored), reference mag "
-             f"{'-' if d['reference_mag'] is None else format(d['reference_mag'], '.4f')}, "
-             f"expires in {d['ttl_s']} s"]
+             f"{d['n_dropped']} dropped, {d['n_scored']} scored), expires in {d['ttl_s']} s",
+             f"points per band: {counts}; reference mag per band: {refs}"]
     ring = " ".join(f"{p:.4f}" for p in d["last_probabilities"]) or "-"
     score = "-" if d["score"] is None else f"{d['score']:.4f}"
     lines.append(f"decision: last P(binary) [{ring}], smoothed {score}, triggered "

@@ -102,8 +102,10 @@ def check_redis(client) -> None:
 @dataclass
 class BatchCounts:
     """What one batch did to the state (counted once, fed to metrics, summary and log)."""
-    points: int = 0          # appended
+    points: int = 0          # appended (history included)
     duplicates: int = 0
+    backfilled: int = 0      # of them, history points (a new event, visits between alerts)
+    history_known: int = 0   # history points the events had already
     dropped: int = 0         # oldest points trimmed (redis.max_points)
     rescored: int = 0        # events scored again (another model)
 
@@ -113,6 +115,8 @@ class Summary:
     alerts: int = 0
     points: int = 0
     duplicates: int = 0
+    backfilled: int = 0                                        # history points appended
+    history_skipped: Tally = field(default_factory=Tally)      # history points left out, by reason
     rescored: int = 0                                          # events met scored by another model
     dead_letters: Tally = field(default_factory=Tally)
     triggers: int = 0
@@ -125,6 +129,7 @@ class Summary:
 
     def as_dict(self) -> dict:
         return {"alerts": self.alerts, "points": self.points, "duplicates": self.duplicates,
+                "backfilled": self.backfilled, "history_skipped": dict(self.history_skipped),
                 "rescored": self.rescored,
                 "dead_letters": dict(self.dead_letters), "triggers": self.triggers,
                 "batches": self.batches, "retries": dict(self.retries),
@@ -391,9 +396,10 @@ class Broker:
             return
         c = self.settings.consumer
         max_mjd = None if c.future_margin_s is None else mjd_now() + c.future_margin_s / 86400.0
-        points, kept, rejected = validate_batch(self.codec, [m.value() for m in msgs],
-                                                [m.key() for m in msgs], max_mjd)
-        dead: list[tuple[int, Rejected]] = sorted(rejected.items())
+        batch = validate_batch(self.codec, [m.value() for m in msgs], [m.key() for m in msgs], max_mjd,
+                               [m.timestamp()[1] * 1000 for m in msgs])
+        points, kept = batch.points, batch.kept
+        dead: list[tuple[int, Rejected]] = sorted(batch.rejected.items())
         n = BatchCounts()
         triggers: list[dict] = []
         if len(points):
@@ -412,7 +418,8 @@ class Broker:
         self._deliver(msgs, dead, triggers)
         self._retrying("offset commit", lambda: self._commit(msgs))
         self.flood.add(len(msgs), reasons)
-        self._account(msgs, points, n, reasons, len(triggers), time.perf_counter() - t0)
+        self._account(msgs, points, n, reasons, len(triggers), time.perf_counter() - t0,
+                      batch.history_skipped)
 
     def _without_error_events(self, msgs: list) -> list:
         """The batch's messages; librdkafka's error events are logged (transient: it
@@ -438,14 +445,20 @@ class Broker:
         order = np.argsort(points.object_id, kind="stable")
         uniq, starts, counts = np.unique(points.object_id[order], return_index=True, return_counts=True)
         packed = st.pack_points(points.source_id[order], points.time[order], points.mag[order],
-                                points.mag_err[order], points.band[order])
+                                points.mag_err[order], points.band[order],
+                                None if points.kind is None else points.kind[order])
         results = self.store.append(uniq.tolist(), counts.tolist(), packed)
         touched = []
         for e, res in enumerate(results):
             rows = order[starts[e]:starts[e] + counts[e]]
-            app, dup, bad = append_outcomes(res.statuses, rows, points, kept)
+            app, dup, bad, known = append_outcomes(res.statuses, rows, points, kept)
             n.points += app
             n.duplicates += dup
+            n.history_known += known
+            if points.kind is not None and app:
+                n.backfilled += int(np.count_nonzero(
+                    (points.kind[rows] == st.KIND_HISTORY) &
+                    (np.frombuffer(res.statuses, np.uint8) == st.APPENDED[0])))
             dead += bad
             n.dropped += res.dropped_now
             if res.rescored:
@@ -467,7 +480,8 @@ class Broker:
             if h.n_scored < h.n_total:
                 w = res.window
                 jobs.append(Job(h.n_scored, res.start, w["t"].astype(np.float64),
-                                w["mag"].astype(np.float32), w["err"].astype(np.float32), h.reference))
+                                w["mag"].astype(np.float32), w["err"].astype(np.float32),
+                                h.references, w["band"].copy()))
                 owners.append((res, rows))
         if jobs:
             probs = self.scorer.score(jobs)
@@ -549,11 +563,19 @@ class Broker:
             self.psplfit.mark_sent(sent_fit)
 
     def _account(self, msgs, points, n: "BatchCounts", reasons: Tally, n_triggers: int,
-                 elapsed: float) -> None:
+                 elapsed: float, history_skipped: Optional[dict] = None) -> None:
         """The batch's counts, once, into the metrics, the summary and the log interval."""
         m, s, iv = self.metrics, self.summary, self._interval
         n_dead = sum(reasons.values())
         m.alerts.inc(len(msgs)); m.points.inc(n.points); m.duplicates.inc(n.duplicates)
+        if n.backfilled:
+            m.history.labels("appended").inc(n.backfilled)
+        if n.history_known:
+            m.history.labels("known").inc(n.history_known)
+        for reason, k in (history_skipped or {}).items():
+            m.history.labels(reason).inc(k)
+            s.history_skipped[reason] += k
+        s.backfilled += n.backfilled
         m.dropped.inc(n.dropped); m.triggers.inc(n_triggers); m.batch_seconds.observe(elapsed)
         m.rescored.inc(n.rescored)
         for reason, k in reasons.items():
@@ -565,7 +587,9 @@ class Broker:
         iv.alerts += len(msgs); iv.points += n.points; iv.duplicates += n.duplicates
         iv.dead_letters += n_dead; iv.triggers += n_triggers; iv.batches += 1
         iv.busy_s += elapsed
-        iv.add_latencies(points.produced_us, int(time.time() * 1e6))
+        live = points.produced_us if points.kind is None else \
+            points.produced_us[points.kind == st.KIND_LIVE]          # one per alert
+        iv.add_latencies(live, int(time.time() * 1e6))
 
     def _on_delivery(self, err, msg) -> None:
         if err is not None:

@@ -4,11 +4,12 @@ For an event whose points ``n_scored .. n_total-1`` have no probability yet, the
 returns the stored points from ``start = window_start(...)`` on. Two cases:
 
 * ``start == 0`` (young event): model input = ``artifact.inputs`` of the whole curve
-  (the event's causal reference and first ``log_dt = 0``), exactly as offline;
-* ``start > 0`` (then ``start >= K``): the first returned point only gives
-  ``prev_time``; the input rows are the next ``receptive_field + u - 1`` points, built
-  with the event's fixed ``reference`` (features' "tail window" rule, equal to the rows
-  of a full-curve run).
+  (each band's causal reference and first ``log_dt = 0``), exactly as offline;
+* ``start > 0``: the first returned point only gives ``prev_time``; the input rows are
+  the next points, built with the bands' fixed references (features' "tail window"
+  rule, equal to the rows of a full-curve run). The state returns such a window only
+  when every row is at least the K-th point of its band (the append script's rule,
+  ``broker.state.reference.window_start``), else the whole stored event.
 
 Windows of the same (length, u) are stacked and run in one ``artifact.predict_last``
 call (the model's dependency cone of the newest ``u`` outputs). Because the net is
@@ -38,14 +39,17 @@ log = logging.getLogger("broker.inference")
 
 
 def window_start(n_scored: int, first_stored: int, reference_points: int, receptive_field: int) -> int:
-    """Global index of the first point the state returns for scoring (mirrors the Lua).
+    """Global index of the first point the state returns for scoring, for a one-band
+    event (the append script's rule; ``broker.state.reference.window_start`` is the rule
+    for any bands).
 
     The context of point ``n_scored`` is its ``receptive_field - 1`` predecessors plus
-    one more point for ``prev_time``; a window that would start before the event's
-    reference is fixed (index < K) starts at the first point instead.
+    one more point for ``prev_time``; a window whose first row (``s + 1``) would come
+    before the reference is fixed (the K-th point, index K - 1) starts at the first
+    stored point instead.
     """
     s = max(first_stored, n_scored - receptive_field)
-    return first_stored if s < reference_points else s
+    return first_stored if s < reference_points - 2 else s
 
 
 @dataclass
@@ -56,7 +60,10 @@ class Job:
     time: np.ndarray             # float64, points start .. n_total-1
     mag: np.ndarray              # float32
     mag_err: np.ndarray          # float32
-    reference: Optional[float]   # the event's fixed reference (needed when start > 0)
+    # the fixed references (needed when start > 0): (N_SLOTS,) float64 per band slot (NaN
+    # where a band has none), or one float for every point
+    reference: Optional[object]
+    band: Optional[np.ndarray] = None   # u8 band codes (None: one band)
 
     @property
     def n_new(self) -> int:
@@ -64,24 +71,34 @@ class Job:
 
 
 def tail_inputs(scalers, time: np.ndarray, mag: np.ndarray, mag_err: np.ndarray,
-                reference: np.ndarray) -> np.ndarray:
+                reference: np.ndarray, band: Optional[np.ndarray] = None) -> np.ndarray:
     """Model input for B tail windows at once.
 
     ``time`` (B, L+1) float64 (column 0 = prev_time), ``mag``/``mag_err`` (B, L) float32,
-    ``reference`` (B,) float64 -> (B, L, C) float32; row for row equal to
-    ``artifact.inputs(time[b, 1:], mag[b], mag_err[b], reference=reference[b],
-    prev_time=time[b, 0])`` (it is ``build_features_batch`` plus the scalers).
+    ``reference`` (B,) or (B, N_SLOTS) float64, ``band`` None or (B, L) u8 -> (B, L, C)
+    float32; row for row equal to ``artifact.inputs(time[b, 1:], mag[b], mag_err[b],
+    reference=reference[b], prev_time=time[b, 0], band=band[b])`` (it is
+    ``build_features_batch`` plus the scalers).
     """
     t = np.asarray(time, dtype=np.float64)
     return scalers.transform(build_features_batch(t[:, 1:], mag, mag_err, reference=reference,
-                                                  prev_time=t[:, 0]))
+                                                  prev_time=t[:, 0], band=band))
 
 
 def _window_inputs_one(artifact, job: Job) -> np.ndarray:
     if job.start == 0:
-        return artifact.inputs(job.time, job.mag, job.mag_err)
+        return artifact.inputs(job.time, job.mag, job.mag_err, band=job.band)
     return artifact.inputs(job.time[1:], job.mag[1:], job.mag_err[1:],
-                           reference=job.reference, prev_time=float(job.time[0]))
+                           reference=job.reference, prev_time=float(job.time[0]),
+                           band=None if job.band is None else job.band[1:])
+
+
+def _bands(jobs: list[Job], cut: int = 0) -> Optional[np.ndarray]:
+    """The jobs' band codes stacked (None when no job has bands: one band)."""
+    if all(j.band is None for j in jobs):
+        return None
+    return np.stack([np.zeros(len(j.time) - cut, np.uint8) if j.band is None else j.band[cut:]
+                     for j in jobs])
 
 
 def _group_inputs(artifact, jobs: list[Job], tail: bool) -> np.ndarray:
@@ -90,10 +107,10 @@ def _group_inputs(artifact, jobs: list[Job], tail: bool) -> np.ndarray:
     mag = np.stack([j.mag for j in jobs])
     err = np.stack([j.mag_err for j in jobs])
     if not tail:
-        return artifact.inputs_batch(t, mag, err)
+        return artifact.inputs_batch(t, mag, err, band=_bands(jobs))
     return artifact.inputs_batch(t[:, 1:], mag[:, 1:], err[:, 1:],
                                  reference=np.array([j.reference for j in jobs], dtype=np.float64),
-                                 prev_time=t[:, 0])
+                                 prev_time=t[:, 0], band=_bands(jobs, 1))
 
 
 class Scorer:
@@ -138,10 +155,15 @@ class Scorer:
                 t = np.zeros((len(young), w), dtype=np.float64)
                 mag = np.zeros((len(young), w), dtype=np.float32)
                 err = np.zeros((len(young), w), dtype=np.float32)
+                band = None if all(jobs[i].band is None for i in young) else \
+                    np.zeros((len(young), w), dtype=np.uint8)
                 for row, i in enumerate(young):
                     n = lens[row]
                     t[row, :n], mag[row, :n], err[row, :n] = jobs[i].time, jobs[i].mag, jobs[i].mag_err
-                x = self.artifact.inputs_batch(t, mag, err, lengths=lens)  # 0 past each length
+                    if band is not None and jobs[i].band is not None:
+                        # padded with the curve's first band: causal references never look ahead
+                        band[row, :n], band[row, n:] = jobs[i].band, jobs[i].band[0]
+                x = self.artifact.inputs_batch(t, mag, err, lengths=lens, band=band)  # 0 past each length
             else:
                 xs = [_window_inputs_one(self.artifact, jobs[i]) for i in young]
                 x = np.zeros((len(xs), int(lens.max()), xs[0].shape[1]), dtype=np.float32)

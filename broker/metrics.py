@@ -20,6 +20,10 @@ class Metrics:
         self.alerts = Counter("ulens_alerts", "Alerts (Kafka messages) consumed", registry=r)
         self.points = Counter("ulens_points_appended", "Points appended to light curves", registry=r)
         self.duplicates = Counter("ulens_duplicates", "Re-delivered points already stored", registry=r)
+        self.history = Counter("ulens_history_points", "Points of alert packets' history: "
+                               "appended (backfill, visits between alerts), known (the event has "
+                               "them), or left out (no_flux, nonpositive_flux, bad_value, "
+                               "not_before_the_alert)", ["outcome"], registry=r)
         self.dropped = Counter("ulens_points_dropped", "Oldest points dropped (redis.max_points)",
                                registry=r)
         self.dead_letters = Counter("ulens_dead_letters", "Messages sent to the dead-letter topic",

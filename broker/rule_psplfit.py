@@ -12,7 +12,7 @@ batch. Per poll batch, for the events the batch touched:
    the event's light curve ``P:ev:<id>`` (a rare second round trip fetches the curve of an
    event whose fit lags behind without a new point in this batch: recovery after a crash);
 2. ``advance`` over the events with unprocessed points, vectorised across them;
-3. one round trip of a Lua script per chunk (``broker/lua/psplfit_save.lua``): the state
+3. one round trip of a Lua script per chunk (``broker/state/lua/psplfit_save.lua``): the state
    is stored unless the stored one has seen as many points (a concurrent consumer's newer
    state wins; one that saw fewer is replaced), and, when the rule fired, ``SET NX`` of the
    outbox with status ``P`` and the trigger record;
@@ -219,12 +219,12 @@ class PsplFitRule:
 def state_key(prefix: str, params: psplfit.Params, object_id: int) -> str:
     """``P:pf:<hash>:<id>``: an event's fit state made with these parameters (the hash of
     ``params.version``); another parameter set starts states of its own."""
-    return f"{prefix}:pf:{params.version.rsplit('-', 1)[-1]}:{int(object_id)}"
+    return st.psplfit_state_key(prefix, params.version.rsplit('-', 1)[-1], object_id)
 
 
 def trigger_key(prefix: str, object_id: int) -> str:
     """``P:tp:<id>``: the rule's outbox for an event, whatever the parameters."""
-    return f"{prefix}:tp:{int(object_id)}"
+    return st.psplfit_trigger_key(prefix, object_id)
 
 
 def read_fit(client, prefix: str, params: psplfit.Params, object_id: int) -> Optional[dict]:

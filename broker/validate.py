@@ -1,8 +1,16 @@
 """Decoding and validation of incoming alerts: pure functions, no I/O.
 
-Every message either becomes a :class:`Point` or a :class:`Rejected` with a short
+Two wire formats, told apart by the schema id in the frame: our compact alert
+(``schemas/alert``) and Rubin's own packet (``lsst.vN_M.alert``; :func:`rubin_alert`).
+Both become the same internal points, each with its band: the alert's own point (the
+new detection, ``KIND_LIVE``) and the points of its history (``prvDiaSources``, and
+Rubin's ``prvDiaForcedSources``, ``KIND_HISTORY``), which backfill an event new to the
+broker and fill the visits between alerts (the state skips history it has).
+
+Every message either gives its points or is a :class:`Rejected` with a short
 machine-readable ``reason`` (the dead-letter header and the metrics label) and a
-human ``detail``. Reasons:
+human ``detail``; a bad history point is left out and counted (:data:`HISTORY_SKIPS`),
+never a dead letter of an alert whose own point is good. Reasons:
 
 =====================  ==========================================================
 ``truncated_frame``    shorter than the frame header, or the Avro body ends early
@@ -11,8 +19,12 @@ human ``detail``. Reasons:
 ``wrong_kind``         a valid message of another kind (a trigger on the alerts topic)
 ``bad_body``           the Avro body does not decode under its schema (a missing
                        required field ends here too), or trailing bytes
-``bad_key``            Kafka key missing or not the decimal diaObjectId
-``bad_id``             diaObjectId or diaSourceId negative
+``bad_key``            Kafka key missing or not the decimal diaObjectId (Rubin's own
+                       stream has no key: run ``ulens rekey`` in front of the broker)
+``bad_id``             diaObjectId or diaSourceId negative, or a Rubin packet with no
+                       diaObjectId (in neither its diaSource nor its diaObject)
+``missing_value``      a Rubin diaSource without a flux (psfFlux and scienceFlux null),
+                       an error or a band
 ``nonfinite_value``    NaN or infinity in a time, flux, error or coordinate
 ``nonpositive_error``  scienceFluxErr or psfFluxErr zero or negative
 ``nonpositive_flux``   scienceFlux zero or negative (no magnitude exists)
@@ -41,6 +53,8 @@ import numpy as np
 from broker import state as st
 from schemas import BadBody, BadMagicByte, CodecError, TruncatedFrame, UnknownSchemaId, WrongKind
 from training.photometry import njy_to_mag
+
+ALERT_KINDS = ("alert", "rubin")      # the codec kinds the alerts topic carries
 
 # Ranges outside which a value is absurd (not merely unusual) for this broker.
 MJD_RANGE = (0.0, 200_000.0)       # MJD; catches JD, Unix seconds, negative times
@@ -71,6 +85,7 @@ class Points:
     band: np.ndarray         # uint8 band code (broker.state.band_codes)
     ra: np.ndarray           # float64 degrees (ICRS), of the alert
     dec: np.ndarray          # float64 degrees (ICRS)
+    kind: Optional[np.ndarray] = None   # uint8 KIND_LIVE / KIND_HISTORY (None: all live)
 
     def __len__(self) -> int:
         return len(self.object_id)
@@ -90,11 +105,74 @@ def codec_reason(exc: CodecError) -> str:
 
 
 def decode(codec, value: Optional[bytes]) -> dict | Rejected:
-    """The alert record, or why it cannot be decoded."""
+    """The alert (compact form, :func:`rubin_alert` for a Rubin packet, its history under
+    ``prvDiaSources``), or why it cannot be decoded."""
     try:
-        return codec.decode_kind(value, "alert")
+        kind, record = codec.decode_kinds(value, ALERT_KINDS)
     except CodecError as exc:
         return Rejected(codec_reason(exc), str(exc))
+    return rubin_alert(record) if kind == "rubin" else record
+
+
+HISTORY_SKIPS = ("no_flux", "nonpositive_flux", "not_before_the_alert", "bad_value")
+
+
+def _brightness(src: dict) -> tuple[Optional[float], Optional[float]]:
+    """(total flux, its error) in nJy of a Rubin diaSource or diaForcedSource: the direct
+    image's ``scienceFlux`` when the packet has it; else the difference flux plus the
+    template's flux at the source (``templateFlux``, diaSource only); else the difference
+    flux alone (a packet without any baseline: the magnitude is that of the flux above
+    the template, as for a transient on an empty template)."""
+    sci = src.get("scienceFlux")
+    if sci is not None:
+        return sci, src.get("scienceFluxErr") or src.get("psfFluxErr")
+    diff, derr = src.get("psfFlux"), src.get("psfFluxErr")
+    if diff is None:
+        return None, None
+    tmpl = src.get("templateFlux")
+    if tmpl is not None:
+        terr = src.get("templateFluxErr") or 0.0
+        return diff + tmpl, math.sqrt((derr or 0.0) ** 2 + terr ** 2) if derr is not None else None
+    return diff, derr
+
+
+def _rubin_point(src: dict, source_id_field: str) -> dict:
+    flux, err = _brightness(src)
+    return {"diaSourceId": src[source_id_field], "midpointMjdTai": src["midpointMjdTai"],
+            "band": src.get("band"), "scienceFlux": flux, "scienceFluxErr": err,
+            "psfFlux": src.get("psfFlux"), "psfFluxErr": src.get("psfFluxErr")}
+
+
+def rubin_alert(packet: dict) -> dict:
+    """A Rubin alert packet (lsst.v10_0 .. v11_1) as the compact alert the checks read.
+
+    * ``diaObjectId`` from the diaSource, else from the diaObject (Rubin's own 11.1 sample
+      has it only there); -1 when neither has it (a ``bad_id`` dead letter);
+    * brightness: :func:`_brightness` (scienceFlux, else psfFlux + templateFlux, else psfFlux);
+    * ``alertProducedUs`` 0: the packet has no production time (the consumer takes the
+      Kafka message's timestamp);
+    * history: every earlier visit once, from ``prvDiaSources`` (the detections, as the
+      alerts of those visits gave them) and ``prvDiaForcedSources`` (forced photometry at
+      the object's position: the visits without a detection), oldest first. A visit is
+      its ``midpointMjdTai``; a detection wins over forced photometry of the same visit,
+      so that a broker backfilled from history holds the points of one that saw every
+      alert. Forced sources are keyed by their ``diaForcedSourceId``.
+    """
+    ds = packet["diaSource"]
+    obj = packet.get("diaObject") or {}
+    oid = ds.get("diaObjectId")
+    if oid is None:
+        oid = obj.get("diaObjectId")
+    live = _rubin_point(ds, "diaSourceId")
+    live.update({"diaObjectId": -1 if oid is None else oid, "ra": ds["ra"], "dec": ds["dec"],
+                 "alertProducedUs": 0})
+    visits: dict = {}
+    for f in packet.get("prvDiaForcedSources") or ():
+        visits[f["midpointMjdTai"]] = _rubin_point(f, "diaForcedSourceId")
+    for d in packet.get("prvDiaSources") or ():
+        visits[d["midpointMjdTai"]] = _rubin_point(d, "diaSourceId")
+    live["prvDiaSources"] = [visits[t] for t in sorted(visits)] if visits else None
+    return live
 
 
 def mjd_now(now_s: Optional[float] = None) -> float:
@@ -109,15 +187,21 @@ def check_record(record: dict, key: Optional[bytes], max_mjd: Optional[float] = 
     ``max_mjd``, times after it are refused (``future_time``)."""
     oid, sid = record["diaObjectId"], record["diaSourceId"]
     if oid < 0 or sid < 0:
-        return Rejected("bad_id", f"diaObjectId {oid}, diaSourceId {sid}: ids must be >= 0")
+        return Rejected("bad_id", f"diaObjectId {oid}, diaSourceId {sid}: ids must be >= 0"
+                        + (" (a Rubin packet with no diaObjectId in its diaSource or diaObject)"
+                           if oid == -1 else ""))
+    for name in ("scienceFlux", "scienceFluxErr", "band"):
+        if record[name] is None:
+            return Rejected("missing_value", f"diaSource.{name} is null" + (
+                " (and so are psfFlux and templateFlux: no brightness)" if name == "scienceFlux" else ""))
     if key is None or key != str(oid).encode():
         return Rejected("bad_key", f"Kafka key {key!r} is not the diaObjectId {oid}")
     for name in ("midpointMjdTai", "scienceFlux", "scienceFluxErr", "psfFlux", "psfFluxErr",
                  "ra", "dec"):
-        if not math.isfinite(record[name]):
+        if record[name] is not None and not math.isfinite(record[name]):
             return Rejected("nonfinite_value", f"{name} is {record[name]}")
     for name in ("scienceFluxErr", "psfFluxErr"):
-        if record[name] <= 0:
+        if record[name] is not None and record[name] <= 0:
             return Rejected("nonpositive_error", f"{name} = {record[name]} must be > 0")
     if record["scienceFlux"] <= 0:
         return Rejected("nonpositive_flux", f"scienceFlux = {record['scienceFlux']} nJy has no magnitude")
@@ -153,13 +237,54 @@ def check_magnitudes(mag: np.ndarray, err: np.ndarray) -> list[Optional[Rejected
     return out
 
 
-def validate_batch(codec, values: list, keys: list, max_mjd: Optional[float] = None
-                   ) -> tuple[Points, list[int], dict[int, Rejected]]:
-    """Decode and check a batch: (valid points, their message indices, {message index: Rejected}).
+def _history_rows(hist, before: float) -> tuple[list, dict]:
+    """The usable history points (diaSourceId, time, band, flux, flux error), oldest first,
+    strictly before the alert's own time; and what was left out, by reason."""
+    rows, skipped = [], {}
+    for p in hist:
+        f, e, t = p["scienceFlux"], p["scienceFluxErr"], p["midpointMjdTai"]
+        why = None
+        if f is None or e is None:
+            why = "no_flux"
+        elif not (math.isfinite(f) and math.isfinite(e) and math.isfinite(t)) or e <= 0 \
+                or p["diaSourceId"] < 0 or p.get("band") not in BANDS:
+            why = "bad_value"
+        elif f <= 0:
+            why = "nonpositive_flux"
+        elif not t < before:
+            why = "not_before_the_alert"
+        if why is None:
+            rows.append((p["diaSourceId"], t, p["band"], f, e))
+        else:
+            skipped[why] = skipped.get(why, 0) + 1
+    rows.sort(key=lambda r: r[1])
+    return rows, skipped
 
-    ``max_mjd``: the latest time accepted (``mjd_now() + margin``), None for no bound. Any
-    error while reading one message rejects that message (``unreadable``), never the batch."""
+
+@dataclass
+class Batch:
+    """A validated poll batch: its points (history first, then the alert's own point, per
+    message in message order), each point's message index, the rejected messages and the
+    history points left out (by reason)."""
+    points: Points
+    kept: list
+    rejected: dict
+    history_skipped: dict
+
+    def __iter__(self):                 # (points, kept, rejected), as before history
+        return iter((self.points, self.kept, self.rejected))
+
+
+def validate_batch(codec, values: list, keys: list, max_mjd: Optional[float] = None,
+                   timestamps_us: Optional[list] = None) -> Batch:
+    """Decode and check a batch: its points, their message indices, {message index: Rejected}.
+
+    ``max_mjd``: the latest time accepted (``mjd_now() + margin``), None for no bound.
+    ``timestamps_us``: each message's Kafka timestamp (µs), the production time of an
+    alert that carries none (Rubin's packet). Any error while reading one message rejects
+    that message (``unreadable``), never the batch."""
     rejected: dict[int, Rejected] = {}
+    skipped: dict[str, int] = {}
     recs, idx = [], []
     for i, (v, k) in enumerate(zip(values, keys)):
         try:
@@ -177,7 +302,7 @@ def validate_batch(codec, values: list, keys: list, max_mjd: Optional[float] = N
         recs.append(rec)
         idx.append(i)
     if not recs:
-        return Points.empty(), [], rejected
+        return Batch(Points.empty(), [], rejected, skipped)
     n = len(recs)
 
     def col(name, dtype):
@@ -186,30 +311,98 @@ def validate_batch(codec, values: list, keys: list, max_mjd: Optional[float] = N
     with np.errstate(all="ignore"):
         mag, err = magnitudes(col("scienceFlux", np.float64), col("scienceFluxErr", np.float64))
     checks = check_magnitudes(mag, err)
-    ok = np.ones(n, dtype=bool)
+    produced = col("alertProducedUs", np.int64)
+    if timestamps_us is not None:
+        stamps = np.array([timestamps_us[i] for i in idx], dtype=np.int64)
+        produced = np.where(produced > 0, produced, np.maximum(stamps, 0))
+    live = Points(col("diaObjectId", np.int64), col("diaSourceId", np.int64),
+                  col("midpointMjdTai", np.float64), mag, err, produced,
+                  st.band_codes(r["band"] for r in recs), col("ra", np.float64), col("dec", np.float64))
+    # each good alert: its history points (oldest first), then its own point
+    rows_of: list[np.ndarray] = []
+    hist_cols: list[list] = [[], [], [], [], []]       # id, time, band, flux, error
+    hist_owner: list[int] = []
+    kept: list[int] = []
     for j, c in enumerate(checks):
         if c is not None:
             rejected[idx[j]] = c
-            ok[j] = False
-    pts = Points(col("diaObjectId", np.int64)[ok], col("diaSourceId", np.int64)[ok],
-                 col("midpointMjdTai", np.float64)[ok], mag[ok], err[ok],
-                 col("alertProducedUs", np.int64)[ok], st.band_codes(r["band"] for r in recs)[ok],
-                 col("ra", np.float64)[ok], col("dec", np.float64)[ok])
-    return pts, [i for i, good in zip(idx, ok) if good], rejected
+            continue
+        hist = recs[j].get("prvDiaSources")
+        rows = []
+        if hist:
+            rows, why = _history_rows(hist, float(live.time[j]))
+            for r, k in why.items():
+                skipped[r] = skipped.get(r, 0) + k
+        for r in rows:
+            for c_, v_ in zip(hist_cols, r):
+                c_.append(v_)
+            hist_owner.append(j)
+        rows_of.append((j, len(rows)))
+    # assemble: per alert, its history rows then itself
+    nh = len(hist_owner)
+    if nh:
+        with np.errstate(all="ignore"):
+            hmag, herr = magnitudes(np.asarray(hist_cols[3], np.float64), np.asarray(hist_cols[4], np.float64))
+        bad_h = np.array([c is not None for c in check_magnitudes(hmag, herr)], dtype=bool)
+    order_src, order_row = [], []     # ("h", history row) or ("l", alert row)
+    hpos = 0
+    for j, k in rows_of:
+        for q in range(hpos, hpos + k):
+            if bad_h[q]:
+                skipped["bad_value"] = skipped.get("bad_value", 0) + 1
+            else:
+                order_src.append(1)
+                order_row.append(q)
+        hpos += k
+        order_src.append(0)
+        order_row.append(j)
+        kept.append(idx[j])
+    src = np.asarray(order_src, dtype=bool)
+    row = np.asarray(order_row, dtype=np.intp)
+    if not nh or not src.any():
+        ok = row
+        pts = Points(live.object_id[ok], live.source_id[ok], live.time[ok], live.mag[ok], live.mag_err[ok],
+                     live.produced_us[ok], live.band[ok], live.ra[ok], live.dec[ok],
+                     np.full(len(ok), st.KIND_LIVE, np.uint8))
+        return Batch(pts, kept, rejected, skipped)
+    owner = np.asarray(hist_owner, dtype=np.intp)
+    hid = np.asarray(hist_cols[0], np.int64)
+    ht = np.asarray(hist_cols[1], np.float64)
+    hb = st.band_codes(hist_cols[2])
+
+    def pick(live_col, hist_col):
+        out = np.empty(len(row), dtype=live_col.dtype)
+        out[~src] = live_col[row[~src]]
+        out[src] = hist_col[row[src]]
+        return out
+
+    al = np.where(src, owner[np.where(src, row, 0)], row)     # the alert row of every point
+    pts = Points(live.object_id[al], pick(live.source_id, hid), pick(live.time, ht),
+                 pick(live.mag, hmag.astype(np.float32)), pick(live.mag_err, herr.astype(np.float32)),
+                 live.produced_us[al], pick(live.band, hb), live.ra[al], live.dec[al],
+                 np.where(src, st.KIND_HISTORY, st.KIND_LIVE).astype(np.uint8))
+    kept_all = [idx[j] for j in al]
+    return Batch(pts, kept_all, rejected, skipped)
 
 
 def append_outcomes(statuses: bytes, rows, points: Points, kept: list[int]
-                    ) -> tuple[int, int, list[tuple[int, Rejected]]]:
+                    ) -> tuple[int, int, list[tuple[int, Rejected]], int]:
     """What the append script's status codes for one event's points mean: (appended,
-    duplicates, [(message index, Rejected)]). ``rows``: the points' rows in ``points``."""
+    duplicates, [(message index, Rejected)], history points the event had already).
+    ``rows``: the points' rows in ``points``. Only an alert's own point can make a dead
+    letter: a history point that is not appended is history the state has (or a visit it
+    holds differently, which the alert that brought it had the chance to say)."""
     if statuses == st.APPENDED * len(rows):
-        return len(rows), 0, []
-    n_app = n_dup = 0
+        return len(rows), 0, [], 0
+    n_app = n_dup = n_hist = 0
     dead = []
+    kinds = points.kind
     for code, i in zip(statuses, rows):
         code = bytes([code])
         if code == st.APPENDED:
             n_app += 1
+        elif kinds is not None and kinds[i] == st.KIND_HISTORY:
+            n_hist += 1
         elif code in (st.DUPLICATE, st.DUPLICATE_UNVERIFIED):
             n_dup += 1
         elif code == st.OUT_OF_ORDER:
@@ -226,7 +419,7 @@ def append_outcomes(statuses: bytes, rows, points: Points, kept: list[int]
                 "magnitude, error or band (re-sent with changed content)")))
         else:
             raise ValueError(f"unknown append status {code!r}")
-    return n_app, n_dup, dead
+    return n_app, n_dup, dead, n_hist
 
 
 _HEADERS = operator.methodcaller("headers")

@@ -99,18 +99,19 @@ class Artifact:
         """Decision-rule parameters (rule, smooth_window, min_points, threshold)."""
         return self.card["decision"]
 
-    def inputs(self, time, mag, mag_err, reference: float | None = None,
-               prev_time: float | None = None) -> np.ndarray:
-        """Model input (n, C) float32 for a light curve (or a tail window, see features)."""
-        return self.scalers.transform(build_features(time, mag, mag_err, reference, prev_time))
+    def inputs(self, time, mag, mag_err, reference=None, prev_time: float | None = None,
+               band=None) -> np.ndarray:
+        """Model input (n, C) float32 for a light curve (or a tail window, see features);
+        ``band`` u8 codes per point (None: one band)."""
+        return self.scalers.transform(build_features(time, mag, mag_err, reference, prev_time, band))
 
     def inputs_batch(self, time, mag, mag_err, reference=None, prev_time=None,
-                     lengths=None) -> np.ndarray:
+                     lengths=None, band=None) -> np.ndarray:
         """Model input (B, W, C) float32 for B curves or tail windows at once: row ``b`` equals
         ``inputs(...)`` of curve ``b`` bit for bit on one machine (see
         ``features.build_features_batch`` for the arguments); rows past ``lengths[b]`` are 0."""
         x = self.scalers.transform(build_features_batch(time, mag, mag_err, reference, prev_time,
-                                                        lengths))
+                                                        lengths, band))
         if lengths is not None:
             x[np.arange(x.shape[1])[None, :] >= np.asarray(lengths)[:, None]] = 0.0
         return x

@@ -128,6 +128,10 @@ class Dataset:
         a, b = self.offsets[i], self.offsets[i + 1]
         return self.time[a:b], self.mag[a:b], self.mag_err[a:b]
 
+    def event_band(self, i: int) -> np.ndarray:
+        """u8 band codes of event ``i``'s points."""
+        return self.band[self.offsets[i]:self.offsets[i + 1]]
+
     def events(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         for i in range(self.n_events):
             yield self.event(i)

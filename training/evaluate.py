@@ -72,7 +72,7 @@ def select_events(art_dir: Path, card: dict, data_path: Path, ds, split: str) ->
 
 def event_probs(art, ds, events) -> list[np.ndarray]:
     """P(binary) per point over each whole light curve (one causal run per event)."""
-    inputs = [art.inputs(*ds.event(int(i))) for i in events]
+    inputs = [art.inputs(*ds.event(int(i)), band=ds.event_band(int(i))) for i in events]
     return art.predict_curves(inputs, batch_size=128)
 
 

@@ -12,10 +12,15 @@ kernels for the CPU it runs on.
 Channels, one row per observed point ``j`` (no resampling: one step per point):
 
 ``dmag``
-    brightening in magnitudes relative to a *causal* reference,
-    ``ref_j - mag_j`` with ``ref_j = median(mag[0 : min(j + 1, K)])`` and
-    ``K = REFERENCE_POINTS``. From point ``K - 1`` on, the reference is fixed: the
-    median of the event's first ``K`` points (:func:`event_reference`).
+    brightening in magnitudes relative to a *causal* reference of the point's band,
+    ``ref_j - mag_j`` with ``ref_j`` the median of the first ``min(r + 1, K)`` points of
+    that band, ``r`` the point's rank within its band and ``K = REFERENCE_POINTS``. From a
+    band's ``K``-th point on, its reference is fixed: the median of its first ``K`` points
+    (:func:`event_reference` of the band's magnitudes). The light curves of different
+    bands share one magnification but not their baseline (source colour, blending), so a
+    band is only ever compared with itself: a constant source seen in g and i is flat.
+    With one band (``band`` None, or every point in one band) this is the median of the
+    event's first points, as before bands were kept.
 ``mag_err``
     the point's 1-sigma magnitude error, as given.
 ``log_dt``
@@ -25,22 +30,32 @@ Every row depends only on points ``0..j`` (causal). Rows are computed in float64
 returned as float32.
 
 Tail windows. The broker keeps only the newest points of an event. For a window
-``time[m:], mag[m:], mag_err[m:]`` with ``m >= K - 1`` pass the event's fixed
-``reference=event_reference(mag)`` and ``prev_time=time[m - 1]``; then
+``time[m:], mag[m:], mag_err[m:]`` in which every point is at least the ``K``-th of its
+band, pass the bands' fixed references (``reference``: one float for a one-band curve, or
+one per band slot, :func:`band_references`) and ``prev_time=time[m - 1]``; then
 
-    build_features(t, mag, err)[m:] == build_features(t[m:], mag[m:], err[m:],
-                                                      reference=event_reference(mag),
-                                                      prev_time=t[m - 1])
+    build_features(t, mag, err, band=b)[m:] == build_features(
+        t[m:], mag[m:], err[m:], band=b[m:], reference=band_references(mag, b),
+        prev_time=t[m - 1])
 
-exactly. (With ``reference`` given, every row uses it; with ``prev_time`` None the
-first row's ``log_dt`` is 0, i.e. the window starts the event.)
+exactly. (A float ``reference`` is used by every row; a per-slot array by the rows of each
+slot whose entry is not NaN, the others taking their band's causal reference within the
+window; with ``prev_time`` None the first row's ``log_dt`` is 0: the window starts the event.)
+
+Bands are u8 codes, ``u g r i z y`` = 0..5 (``training.survey.BAND_NAMES``, the dataset's
+and the broker's code); any other code shares one slot, ``SLOT_UNKNOWN``.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 
 CHANNELS: tuple[str, ...] = ("dmag", "mag_err", "log_dt")
 REFERENCE_POINTS: int = 10
+N_BANDS = 6                       # u g r i z y
+N_SLOTS = N_BANDS + 1             # + one slot for any other band code
+SLOT_UNKNOWN = N_BANDS
 
 
 class FeatureError(ValueError):
@@ -62,6 +77,25 @@ def event_reference(mag) -> float | None:
     if len(mag) < REFERENCE_POINTS:
         return None
     return _median(mag[:REFERENCE_POINTS].tolist())
+
+
+def band_slots(band) -> np.ndarray:
+    """Reference slots (0..N_SLOTS-1, intp) of u8 band codes: 0..5 themselves, others SLOT_UNKNOWN."""
+    b = np.asarray(band)
+    return np.where((b >= 0) & (b < N_BANDS), b, SLOT_UNKNOWN).astype(np.intp)
+
+
+def band_references(mag, band=None) -> np.ndarray:
+    """(N_SLOTS,) float64: each band's fixed reference (median of its first K points), NaN
+    for a band with fewer than K points."""
+    mag = np.asarray(mag, dtype=np.float64)
+    slots = np.zeros(len(mag), np.intp) if band is None else band_slots(band)
+    out = np.full(N_SLOTS, np.nan)
+    for s in np.unique(slots):
+        r = event_reference(mag[slots == s])
+        if r is not None:
+            out[s] = r
+    return out
 
 
 def _causal_reference(mag: np.ndarray) -> np.ndarray:
@@ -88,13 +122,38 @@ def _causal_reference_batch(mag: np.ndarray) -> np.ndarray:
     return ref
 
 
-def build_features(time, mag, mag_err, reference: float | None = None,
-                   prev_time: float | None = None) -> np.ndarray:
+def _reference_columns(m: np.ndarray, slots: Optional[np.ndarray], ref: Optional[np.ndarray]) -> np.ndarray:
+    """Each point's reference (B, W) float64: ``ref`` (B,) for every point of its curve, or
+    (B, N_SLOTS) per band slot (NaN: the band's causal reference within the row), or None
+    (every band its causal reference)."""
+    b, w = m.shape
+    if ref is not None and ref.ndim == 1:
+        return np.broadcast_to(ref[:, None], (b, w)).copy()
+    if slots is None:
+        slots = np.zeros((b, w), dtype=np.intp)
+    out = np.full((b, w), np.nan) if ref is None else np.take_along_axis(ref, slots, axis=1)
+    need = np.isnan(out)
+    if not need.any():
+        return out
+    single = (slots == slots[:, :1]).all(axis=1)
+    rows = np.flatnonzero(single & need.any(axis=1))
+    if len(rows):                    # one band per row (the usual one-band survey): at once
+        out[rows] = _causal_reference_batch(m[rows])
+    for r in np.flatnonzero(~single & need.any(axis=1)):
+        for s in np.unique(slots[r][need[r]]):
+            idx = np.flatnonzero(slots[r] == s)
+            out[r, idx] = _causal_reference_batch(m[r, idx][None])[0]
+    return out
+
+
+def build_features(time, mag, mag_err, reference=None, prev_time: float | None = None,
+                   band=None) -> np.ndarray:
     """Features (n, len(CHANNELS)) float32 for n observed points, one row per point.
 
-    ``time`` in days (strictly increasing), ``mag`` and ``mag_err`` in magnitudes.
-    ``reference``/``prev_time``: see the module docstring (tail windows). The arithmetic
-    is :func:`build_features_batch`'s (one row of a batch), so both agree bit for bit on one
+    ``time`` in days (strictly increasing), ``mag`` and ``mag_err`` in magnitudes, ``band``
+    u8 codes (None: one band). ``reference``/``prev_time``: see the module docstring (tail
+    windows; ``reference`` a float or (N_SLOTS,) per band slot). The arithmetic is
+    :func:`build_features_batch`'s (one row of a batch), so both agree bit for bit on one
     machine (see the module docstring).
     """
     t = np.asarray(time, dtype=np.float64)
@@ -103,24 +162,29 @@ def build_features(time, mag, mag_err, reference: float | None = None,
     if t.ndim != 1 or m.shape != t.shape or e.shape != t.shape:
         raise FeatureError(f"time, mag and mag_err must be 1-D arrays of one length, got shapes "
                            f"{t.shape}, {m.shape}, {e.shape}")
-    return build_features_batch(t[None], m[None], e[None],
-                                None if reference is None else np.array([float(reference)]),
-                                None if prev_time is None else np.array([float(prev_time)]))[0]
+    if reference is not None:
+        reference = np.asarray(reference, dtype=np.float64)
+        reference = reference.reshape(1) if reference.ndim == 0 else reference[None]
+    return build_features_batch(t[None], m[None], e[None], reference,
+                                None if prev_time is None else np.array([float(prev_time)]),
+                                band=None if band is None else np.asarray(band)[None])[0]
 
 
 def build_features_batch(time, mag, mag_err, reference=None, prev_time=None,
-                         lengths=None) -> np.ndarray:
+                         lengths=None, band=None) -> np.ndarray:
     """Features of B light curves (or tail windows) at once: (B, W) arrays -> (B, W, C) float32.
 
     Row ``b`` equals ``build_features(time[b, :n], mag[b, :n], mag_err[b, :n],
-    reference[b], prev_time[b])[:n]`` bit for bit on one machine, with ``n = lengths[b]``
-    (default W).
+    reference[b], prev_time[b], band[b, :n])[:n]`` bit for bit on one machine, with
+    ``n = lengths[b]`` (default W).
 
-    ``reference``: None (every curve its own causal reference, i.e. it starts the event)
-    or (B,) floats (tail windows: the events' fixed references). ``prev_time``: None (the
-    first row's ``log_dt`` is 0) or (B,) floats, the time of the point before each
-    window. ``lengths``: None or (B,) ints for right-padded ragged curves; whatever is
-    stored past ``lengths[b]`` is ignored and those rows come back as 0.
+    ``reference``: None (every curve its bands' causal references, i.e. it starts the
+    event), (B,) floats (one reference for every point of a curve) or (B, N_SLOTS) per
+    band slot (tail windows: the bands' fixed references; NaN = causal within the row).
+    ``prev_time``: None (the first row's ``log_dt`` is 0) or (B,) floats, the time of the
+    point before each window. ``lengths``: None or (B,) ints for right-padded ragged
+    curves; whatever is stored past ``lengths[b]`` is ignored and those rows come back as
+    0. ``band``: None (one band) or (B, W) u8 codes.
     """
     t = np.asarray(time, dtype=np.float64)
     m = np.asarray(mag, dtype=np.float64)
@@ -138,7 +202,18 @@ def build_features_batch(time, mag, mag_err, reference=None, prev_time=None,
             raise FeatureError(f"{name} must have one value per curve ({b}), got shape {a.shape}")
         return a
 
-    ref = per_curve(reference, "reference")
+    ref = None
+    if reference is not None:
+        ref = np.asarray(reference, dtype=np.float64)
+        if ref.shape not in ((b,), (b, N_SLOTS)):
+            raise FeatureError(f"reference must be one value per curve ({b},) or one per band slot "
+                               f"({b}, {N_SLOTS}), got shape {ref.shape}")
+    slots = None
+    if band is not None:
+        bnd = np.asarray(band)
+        if bnd.shape != (b, w):
+            raise FeatureError(f"band must have the shape of time {t.shape}, got {bnd.shape}")
+        slots = band_slots(bnd)
     prev = per_curve(prev_time, "prev_time")
     n = per_curve(lengths, "lengths", np.int64)
     valid = None
@@ -149,7 +224,7 @@ def build_features_batch(time, mag, mag_err, reference=None, prev_time=None,
     out = np.empty((b, w, len(CHANNELS)), dtype=np.float64)
     if w == 0:
         return out.astype(np.float32)
-    out[..., 0] = (ref[:, None] if ref is not None else _causal_reference_batch(m)) - m
+    out[..., 0] = _reference_columns(m, slots, ref) - m
     out[..., 1] = e
     dt = np.empty((b, w), dtype=np.float64)
     dt[:, 0] = 0.0 if prev is None else t[:, 0] - prev

@@ -113,7 +113,7 @@ def dataset_features(ds) -> np.ndarray:
     out = np.empty((len(ds.time), len(CHANNELS)), dtype=np.float32)
     for i in range(ds.n_events):
         a, b = ds.offsets[i], ds.offsets[i + 1]
-        out[a:b] = build_features(ds.time[a:b], ds.mag[a:b], ds.mag_err[a:b])
+        out[a:b] = build_features(ds.time[a:b], ds.mag[a:b], ds.mag_err[a:b], band=ds.band[a:b])
     return out
 
 

@@ -234,13 +234,13 @@ def same_event(a: bytes, b: bytes) -> bool:
     the probabilities to float32 rounding of batched inference (ring within PROB_ATOL,
     stored bytes within one quantum)."""
     ha, hb = st.parse_header(a), st.parse_header(b)
-    if len(a) != len(b) or any(getattr(ha, f) != getattr(hb, f) and not (
-            f == "reference" and np.isnan(ha.reference) and np.isnan(hb.reference))
-            for f in ("version", "m", "flags", "n_total", "n_scored", "n_dropped", "last_source_id",
-                      "reference")):
+    if len(a) != len(b) or any(getattr(ha, f) != getattr(hb, f)
+                               for f in ("version", "m", "flags", "n_total", "n_scored", "n_dropped",
+                                         "last_source_id", "last_time")):
         return False
-    if a[st.HEADER_FIXED.size - 8:st.HEADER_FIXED.size] != b[st.HEADER_FIXED.size - 8:st.HEADER_FIXED.size]:
-        return False      # the newest point's time
+    if not (np.array_equal(ha.references, hb.references, equal_nan=True)
+            and np.array_equal(ha.band_counts, hb.band_counts)):
+        return False
     if not np.allclose(ha.ring, hb.ring, atol=PROB_ATOL, rtol=0):
         return False
     pa = np.frombuffer(a, dtype=st.RECORD, offset=st.header_size(ha.m))

@@ -355,7 +355,7 @@ def test_windowed_inference_through_redis_equals_the_full_curve(redis_client, ke
                 continue
             h = res.header
             job = Job(h.n_scored, res.start, res.window["t"].copy(), res.window["mag"].copy(),
-                      res.window["err"].copy(), h.reference)
+                      res.window["err"].copy(), h.references, res.window["band"].copy())
             (p,) = scorer.score([job])
             store.save_scores([st.ScoreUpdate(77, h.n_scored, p, np.zeros(SMOOTH, np.float32))])
             got.append(p)
@@ -365,7 +365,9 @@ def test_windowed_inference_through_redis_equals_the_full_curve(redis_client, ke
     assert view.header.n_total == len(t) and view.header.n_dropped > 0
     assert view.header.n_dropped + len(view.points) == len(t)
     assert len(view.points) <= 120 + 30
-    assert view.header.reference == float(np.median(mag[:REFERENCE_POINTS].astype(np.float64)))
+    # one band (unknown: pack_points without bands): its reference, the median of the first K
+    assert view.header.references[st.N_SLOTS - 1] == float(np.median(mag[:REFERENCE_POINTS].astype(np.float64)))
+    assert list(view.header.band_counts) == [0] * (st.N_SLOTS - 1) + [len(t)]
     assert np.array_equal(view.points["t"], t[view.first_index:])
     # out of order: earlier than the newest point, no stored point at that time
     late = view.points["t"][-3] + 1e-4
@@ -399,7 +401,8 @@ def test_trigger_outbox_survives_a_crash_before_delivery(redis_client, key_prefi
 
 def test_memory_of_a_100_point_event_is_under_3_3_kb(redis_client, key_prefix):
     """26 bytes a point (the diaSourceId and band are stored for idempotency by source and
-    per-band curves): a 2,672-byte value sits in jemalloc's 3,072-byte class, plus the key."""
+    per-band curves) and a 136-byte header (per-band references and counts): a 2,736-byte
+    value sits in jemalloc's 3,072-byte class, plus the key."""
     store = st.EventStore(redis_client, key_prefix, 600, 2000, reference_points=10,
                           receptive_field=97, smooth_window=5)
     rng = np.random.default_rng(0)
@@ -409,7 +412,7 @@ def test_memory_of_a_100_point_event_is_under_3_3_kb(redis_client, key_prefix):
         sl = slice(i, min(i + 7, 100))
         store.append([oid], [len(t[sl])], st.pack_points(np.arange(len(t))[sl], t[sl], mag[sl], err[sl]))
     used = redis_client.memory_usage(store.event_key(oid), samples=0)
-    assert redis_client.strlen(store.event_key(oid)) == st.header_size(5) + 100 * st.RECORD.itemsize == 2672
+    assert redis_client.strlen(store.event_key(oid)) == st.header_size(5) + 100 * st.RECORD.itemsize == 2736
     assert used <= 3300, used
     print(f"MEMORY USAGE of a 100-point event: {used} bytes")
 

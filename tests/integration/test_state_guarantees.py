@@ -1,8 +1,9 @@
 """The Redis state's guarantees, script by script, against the real Redis (issue 13).
 
-* the append script follows its plain-Python reference (tests/state_reference.py) on
-  random streams of new points, exact and changed re-sends, conflicts, late points and
-  trimming;
+* the append and score scripts follow their plain-Python reference
+  (broker/state/reference.py) on seeded random streams of new points in several bands,
+  packet history (old and new), exact and changed re-sends, conflicts, late points and
+  trimming: statuses, stored points, per-band counts and references, window start, scores;
 * a re-sent diaSourceId with other content (time, flux) is "changed", an exact re-send a
   duplicate;
 * every script may run twice (a pipeline replayed after a connection error, a batch
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 from broker import state as st
-from tests import state_reference as ref
+from broker.state import reference as ref
 from tests.unit.test_broker_inference import light_curve
 
 K, RF, M = 10, 97, 5
@@ -56,45 +57,74 @@ def test_append_script_follows_the_python_reference(redis_client, key_prefix, se
     for _ in range(80):
         batch = []
         for _ in range(int(rng.integers(1, 12))):
-            kind = rng.choice(["new", "new", "new", "exact", "flux", "time", "conflict", "late"],
-                              p=[0.3, 0.2, 0.15, 0.1, 0.07, 0.06, 0.06, 0.06])
+            kind = rng.choice(["new", "new", "new", "exact", "flux", "time", "conflict", "late",
+                               "history"],
+                              p=[0.28, 0.2, 0.14, 0.09, 0.06, 0.05, 0.05, 0.05, 0.08])
             if kind == "new" or not sent:
                 t_next += float(rng.uniform(0.01, 2.0))
                 sid_next += int(rng.integers(1, 5))
+                # mostly r and i, now and then u or an unknown band (a band that stays young)
+                band = int(rng.choice([0, 2, 3, 255], p=[0.05, 0.5, 0.4, 0.05]))
                 p = (t_next, sid_next, np.float32(rng.uniform(17, 21)), np.float32(rng.uniform(0.01, 0.1)),
-                     int(rng.integers(0, 6)))
+                     band, st.KIND_LIVE)
                 sent.append(p)
+            elif kind == "history":
+                # a packet's history: an old visit (skipped) or one after the newest (filled in)
+                if rng.random() < 0.5:
+                    old = sent[int(rng.integers(0, len(sent)))]
+                    p = old[:5] + (st.KIND_HISTORY,)
+                else:
+                    t_next += float(rng.uniform(0.01, 1.0))
+                    sid_next += int(rng.integers(1, 5))
+                    p = (t_next, sid_next, np.float32(rng.uniform(17, 21)), np.float32(0.05), 2,
+                         st.KIND_HISTORY)
+                    sent.append(p[:5] + (st.KIND_LIVE,))
             else:
                 old = sent[int(rng.integers(0, len(sent)))]
                 if kind == "exact":
                     p = old
                 elif kind == "flux":
-                    p = (old[0], old[1], np.float32(old[2] + 0.01), old[3], old[4])
+                    p = (old[0], old[1], np.float32(old[2] + 0.01), old[3], old[4], st.KIND_LIVE)
                 elif kind == "time":
-                    p = (old[0] + 1e-3, old[1], old[2], old[3], old[4])
+                    p = (old[0] + 1e-3, old[1], old[2], old[3], old[4], st.KIND_LIVE)
                 elif kind == "conflict":
-                    p = (old[0], old[1] + 7, old[2], old[3], old[4])
+                    p = (old[0], old[1] + 7, old[2], old[3], old[4], st.KIND_LIVE)
                 else:                            # late: a new id at an earlier, unused time
-                    p = (old[0] - 1e-4, sid_next + 1000 + len(sent), old[2], old[3], old[4])
+                    p = (old[0] - 1e-4, sid_next + 1000 + len(sent), old[2], old[3], old[4], st.KIND_LIVE)
             batch.append(p)
         cols = list(zip(*batch))
         (res,) = store.append([oid], [len(batch)], st.pack_points(
             cols[1], cols[0], np.array(cols[2], np.float32), np.array(cols[3], np.float32),
-            np.array(cols[4], np.uint8)))
+            np.array(cols[4], np.uint8), np.array(cols[5], np.uint8)))
         want = ref.append(model, batch, k=K, rf=RF, max_points=max_points, exact_limit=store.exact_limit, m=M)
         assert res.statuses == want, (res.statuses, want)
         seen.update(want)
+        assert res.start == ref.window_start(model, k=K, rf=RF)
         if rng.random() < 0.8:                  # usually scored (trimming waits for scores)
-            score_all(store, res)
-            model.n_scored = model.n_total
+            u = model.n_total - model.n_scored
+            q = [int(x) for x in rng.integers(0, 254, u)]
+            fire = bool(rng.random() < 0.05)
+            old_scored = model.n_scored
+            expect = ref.score(model, old_scored, q, fire)
+            up = st.ScoreUpdate(oid, old_scored, np.array(q, np.float32) / st.PROB_SCALE,
+                                np.full(M, 0.1, np.float32), {"triggerId": "x"} if fire else None)
+            assert store.save_scores([up]) == [expect]
+            if expect == st.TRIG_NEW:
+                store.mark_sent([oid])
         view = store.read(oid)
         assert ref.stored(view) == model.records
-        assert (view.header.n_total, view.header.n_dropped) == (model.n_total, model.n_dropped)
-        assert view.header.reference == (None if model.reference is None else pytest.approx(model.reference))
+        assert (view.header.n_total, view.header.n_dropped, view.header.n_scored) == \
+            (model.n_total, model.n_dropped, model.n_scored)
+        assert [None if r != r else float(r) for r in view.header.references] == model.references
+        assert list(view.header.band_counts) == model.band_counts
         assert view.header.max_source_id == model.max_id
+        assert view.header.triggered == model.triggered
+        stored_p = {view.first_index + i: int(p) for i, p in enumerate(view.points["p"])
+                    if p != st.PROB_UNSCORED}
+        assert stored_p == {g: q for g, q in model.probs.items() if g >= model.n_dropped}
     assert model.n_dropped > 0                  # the test did reach trimming, and every rule
     assert seen == set(b"".join([st.APPENDED, st.DUPLICATE, st.OUT_OF_ORDER, st.CONFLICT,
-                                 st.DUPLICATE_UNVERIFIED, st.CHANGED]))
+                                 st.DUPLICATE_UNVERIFIED, st.CHANGED, st.HISTORY]))
 
 
 # --- item 8: same diaSourceId, other content ----------------------------------------------
@@ -180,7 +210,7 @@ def test_another_model_or_window_scores_the_event_again(redis_client, key_prefix
     trig = {"triggerId": "t5", "diaObjectId": 5}
     old.save_scores([st.ScoreUpdate(5, 0, np.full(n, 0.9, np.float32), np.full(M, 0.9, np.float32), trig)])
     old.mark_sent([5])
-    ref_mag = old.read(5).header.reference
+    ref_mag = old.read(5).header.references
     new = store_for(redis_client, key_prefix, tag=222) if change == "model" else \
         store_for(redis_client, key_prefix, tag=111, m=3)
     (res,) = new.append([5], [1], points([n], [t[-1] + 1.0], [19.0], [0.05]))
@@ -188,7 +218,7 @@ def test_another_model_or_window_scores_the_event_again(redis_client, key_prefix
     h = res.header
     assert (h.n_total, h.n_scored, h.n_dropped, h.m, h.model_tag) == (n + 1, 0, 0, new.m, new.tag)
     assert h.triggered and res.trigger_status == b"S"            # never a second trigger
-    assert h.reference == ref_mag
+    assert np.array_equal(h.references, ref_mag, equal_nan=True)
     assert res.start == 0 and len(res.window) == n + 1 and np.all(res.window["p"] == st.PROB_UNSCORED)
     assert np.array_equal(res.window["t"][:n], t)
     # the new model's scores are stored; the old store's update is refused (conflict)

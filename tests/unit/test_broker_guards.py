@@ -118,12 +118,12 @@ def test_append_outcomes_map_each_status():
                  np.zeros(n), np.zeros(n))
     kept = [10, 11, 12, 13, 14, 15]
     statuses = st.APPENDED + st.DUPLICATE + st.OUT_OF_ORDER + st.CONFLICT + st.DUPLICATE_UNVERIFIED + st.CHANGED
-    app, dup, dead = append_outcomes(statuses, np.arange(n), pts, kept)
+    app, dup, dead, _ = append_outcomes(statuses, np.arange(n), pts, kept)
     assert (app, dup) == (1, 2)
     assert [(i, r.reason) for i, r in dead] == [(12, "out_of_order"), (13, "duplicate_time"),
                                               (15, "changed_resend")]
     assert "diaSourceId 105" in dead[2][1].detail
-    assert append_outcomes(st.APPENDED * 3, np.arange(3), pts, kept) == (3, 0, [])
+    assert append_outcomes(st.APPENDED * 3, np.arange(3), pts, kept) == (3, 0, [], 0)
     with pytest.raises(ValueError):
         append_outcomes(b"9", np.arange(1), pts, kept)
 

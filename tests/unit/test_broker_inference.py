@@ -135,8 +135,8 @@ def test_window_start_rule():
     k, rf = 10, 97
     assert window_start(0, 0, k, rf) == 0           # new event: from its first point
     assert window_start(50, 0, k, rf) == 0          # shorter than the receptive field
-    assert window_start(rf + k - 1, 0, k, rf) == 0  # would start before the reference is fixed
-    assert window_start(rf + k, 0, k, rf) == k      # tail: prev_time point + rf - 1 context
+    assert window_start(rf + k - 3, 0, k, rf) == 0  # its first row would come before the K-th point
+    assert window_start(rf + k - 2, 0, k, rf) == k - 2   # tail: first row the K-th point (fixed reference)
     assert window_start(500, 450, k, rf) == 450     # never before the oldest stored point
 
 

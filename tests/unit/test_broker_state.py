@@ -10,27 +10,34 @@ from broker import state as st
 from broker.errors import BrokerError
 
 
-def _header(m=5, flags=st.FLAG_REFERENCE, ntot=12, nsc=10, ndrop=0, last=1234567890123, ref=19.5, ring=None,
-            tag=77):
+def _header(m=5, flags=0, ntot=12, nsc=10, ndrop=0, last=1234567890123, refs=None, counts=None,
+            ring=None, tag=77):
     ring = np.arange(m, dtype="<f4") / 10 if ring is None else ring
-    return st.HEADER_FIXED.pack(st.VERSION, m, flags, 0, ntot, nsc, ndrop, last, last + 5, ref, 61002.5, tag) + \
-        ring.astype("<f4").tobytes()
+    refs = [19.5, float("nan"), 18.25] + [float("nan")] * (st.N_SLOTS - 3) if refs is None else refs
+    counts = [12, 0, 3] + [0] * (st.N_SLOTS - 3) if counts is None else counts
+    return st.HEADER_FIXED.pack(st.VERSION, m, flags, 0, ntot, nsc, ndrop, last, last + 5, 61002.5, tag) + \
+        st.BANDS_BLOCK.pack(*refs, *counts) + ring.astype("<f4").tobytes()
 
 
 def test_sizes():
-    assert st.HEADER_FIXED.size == 52 and st.RECORD.itemsize == 26 and st.INPUT.itemsize == 25
-    # the script appends an input as a record with "not scored": same bytes, p last
-    assert st.RECORD.names[:-1] == st.INPUT.names and st.RECORD.names[-1] == "p"
-    assert all(st.RECORD.fields[n][1] == st.INPUT.fields[n][1] for n in st.INPUT.names)
-    assert st.header_size(5) + 100 * st.RECORD.itemsize == 2672
+    assert st.HEADER_FIXED.size == 44 and st.BANDS_BLOCK.size == 72
+    assert st.RECORD.itemsize == 26 and st.INPUT.itemsize == 26
+    # the script appends an input as a record with "not scored": the same first 25 bytes, p last
+    assert st.RECORD.names[:-1] == st.INPUT.names[:-1] and st.RECORD.names[-1] == "p"
+    assert all(st.RECORD.fields[n][1] == st.INPUT.fields[n][1] for n in st.INPUT.names[:-1])
+    assert st.RECORD.fields["p"][1] == st.INPUT.fields["kind"][1] == 25
+    assert st.header_size(5) + 100 * st.RECORD.itemsize == 2736
 
 
 def test_lua_prelude_is_written_from_the_python_constants():
     lua = st.lua_script("append")
-    assert f"local REC = {st.RECORD.itemsize}" in lua and f"local HSIZE = {st.HEADER_FIXED.size}" in lua
+    assert f"local REC = {st.RECORD.itemsize}" in lua
+    assert f"local HSIZE = {st.HEADER_FIXED.size + st.BANDS_BLOCK.size}" in lua
     assert f"local VERSION = {st.VERSION}" in lua and "local ST_CHANGED = '5'" in lua
-    # struct's format in Lua has the same size as the Python header
-    assert st.HEADER_FIXED.format.replace("q", "c8") .lstrip("<") == "BBBBIIIc8c8ddI"
+    assert "local ST_HISTORY = '6'" in lua and f"local NSLOT = {st.N_SLOTS}" in lua
+    # struct's formats in Lua have the sizes of the Python header's
+    assert st.HEADER_FIXED.format.replace("q", "c8").lstrip("<") == "BBBBIIIc8c8dI"
+    assert f"local BFMT = '{st.BANDS_BLOCK.format}'" in lua
 
 
 def test_model_tag_changes_with_model_window_and_reference():
@@ -41,11 +48,13 @@ def test_model_tag_changes_with_model_window_and_reference():
 
 def test_parse_header():
     h = st.parse_header(_header())
-    assert (h.m, h.n_total, h.n_scored, h.last_source_id, h.reference) == (5, 12, 10, 1234567890123, 19.5)
+    assert (h.m, h.n_total, h.n_scored, h.last_source_id) == (5, 12, 10, 1234567890123)
+    assert h.references[0] == 19.5 and h.references[2] == 18.25 and np.isnan(h.references[1])
+    assert list(h.band_counts) == [12, 0, 3, 0, 0, 0, 0]
     assert (h.max_source_id, h.model_tag, h.last_time) == (1234567890128, 77, 61002.5)
     assert list(h.ring_valid()) == pytest.approx([0, 0.1, 0.2, 0.3, 0.4])
-    h = st.parse_header(_header(flags=0, ref=float("nan"), nsc=2))
-    assert h.reference is None and not h.triggered and list(h.ring_valid()) == pytest.approx([0.3, 0.4])
+    h = st.parse_header(_header(flags=st.FLAG_TRIGGERED, refs=[float("nan")] * st.N_SLOTS, nsc=2))
+    assert np.isnan(h.references).all() and h.triggered and list(h.ring_valid()) == pytest.approx([0.3, 0.4])
     with pytest.raises(BrokerError, match="version 1"):
         st.parse_header(b"\x01" + _header()[1:])
 
@@ -64,10 +73,11 @@ def test_parse_append_reply():
 
 def test_pack_points_layout():
     b = st.pack_points([5], [61000.25], [np.float32(20.5)], [np.float32(0.05)], st.band_codes("i"))
-    assert len(b) == 25
-    t, i, m, e, band = struct.unpack("<dqffB", b)
-    assert (i, t, m, band) == (5, 61000.25, 20.5, 3) and e == pytest.approx(0.05)
-    assert st.pack_points([5], [1.0], [1.0], [1.0])[-1] == st.BAND_UNKNOWN
+    assert len(b) == 26
+    t, i, m, e, band, kind = struct.unpack("<dqffBB", b)
+    assert (i, t, m, band, kind) == (5, 61000.25, 20.5, 3, st.KIND_LIVE) and e == pytest.approx(0.05)
+    assert st.pack_points([5], [1.0], [1.0], [1.0])[-2] == st.BAND_UNKNOWN
+    assert st.pack_points([5], [1.0], [1.0], [1.0], kinds=[st.KIND_HISTORY])[-1] == st.KIND_HISTORY
     assert list(st.band_codes(["u", "y", "x"])) == [0, 5, st.BAND_UNKNOWN]
 
 

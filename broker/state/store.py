@@ -1,120 +1,62 @@
-"""Event state in Redis: one packed binary string per live event, updated by Lua.
+"""The broker's Redis state: one packed binary string per live event, updated by Lua.
 
-Layout (see README "Broker: Redis layout"). Keys, with ``P`` = ``redis.key_prefix``:
+Layout: :mod:`broker.state.layout` (README "Broker: Redis layout"); keys:
+:mod:`broker.state.keys`. Values up to ``EXACT_LIMIT`` (4 KB, ~150 points) are rewritten
+at their exact size on each append; longer ones grow by APPEND + SETRANGE (constant cost
+per point, but Redis over-allocates a growing string by up to 2x). The model tag
+(:func:`model_tag`: model version, smoothing window, reference points) names what scored
+the stored probabilities: an event met by another model is scored again from its first
+stored point, its points, band counts and triggered flag kept.
 
-``P:ev:<diaObjectId>``  STRING, TTL ``redis.event_ttl_s`` (refreshed when a point is appended)
-    ``header`` (``52 + 4*M`` bytes, little-endian) followed by one 26-byte record per
-    stored point, oldest first::
-
-        header: u8 version(=2) | u8 M | u8 flags (1 reference set, 2 triggered) | u8 0 |
-                u32 n_total | u32 n_scored | u32 n_dropped | i64 last diaSourceId |
-                i64 max diaSourceId | f64 reference | f64 last time | u32 model tag |
-                f32 x M  (last M probabilities, oldest first)
-        record: f64 midpointMjdTai | i64 diaSourceId | f32 mag | f32 mag_err | u8 band |
-                u8 P(binary) * 254 (255 = not scored)
-
-    ``n_total`` counts every point ever appended (dropped ones included), so the stored
-    records are the global indices ``n_dropped .. n_total - 1``. Values up to
-    ``EXACT_LIMIT`` (4 KB, ~150 points) are rewritten at their exact size on each append
-    (100 points = 2,672 bytes of value); longer ones grow by APPEND + SETRANGE (constant
-    cost per point, but Redis over-allocates a growing string by up to 2x). The model tag
-    (:func:`model_tag`: model version, smoothing window, reference points) names what
-    scored the stored probabilities: an event met by another model is scored again from
-    its first stored point, its points, reference and triggered flag kept.
-``P:tr:<diaObjectId>``  STRING, TTL ``redis.trigger_ttl_s`` (renewed with the event, longer
-    than its TTL); exists only once the event has triggered: one status byte (``P`` pending =
-    decided but not yet confirmed delivered, ``S`` sent) followed by the trigger record as
-    JSON (the "outbox" for a re-produce after a crash). An event that expired and comes
-    back finds it and never triggers again.
+The trigger key ``P:tr:<diaObjectId>`` (TTL ``redis.trigger_ttl_s``, renewed with the
+event, longer than its TTL) exists only once the event has triggered: one status byte
+(``P`` pending = decided but not yet confirmed delivered, ``S`` sent) followed by the
+trigger record as JSON (the "outbox" for a re-produce after a crash). An event that
+expired and comes back finds it and never triggers again.
 
 Idempotency (append script, keyed by diaSourceId): points of one event arrive in time order
-(one key, one partition). A point whose time is a stored point's time is a *duplicate* when
-it is that point (same diaSourceId, magnitude and error within 1e-5, band), *changed* when
-it has that point's diaSourceId but other content, a *conflict* when another diaSourceId
-holds that time. A point at a new time whose diaSourceId is stored already (looked up only
-when it is not above the event's largest diaSourceId) is *changed*. Otherwise a point later
-than the newest is *appended*; an earlier one is *out of order*, or a duplicate
-(``unverified``) when it is older than every stored point and older points were dropped.
-Changed, conflict and out of order points are dead letters; duplicates write nothing.
+(one key, one partition). A point taken from a packet's history (``KIND_HISTORY``) at or
+before the event's newest stored time is skipped (``HISTORY``: the event has that part of
+its light curve); newer history fills the visits between alerts (forced photometry comes
+only with the next alert). A point whose time is a stored point's time is a *duplicate*
+when it is that point (same diaSourceId, magnitude and error within 1e-5, band), *changed*
+when it has that point's diaSourceId but other content, a *conflict* when another
+diaSourceId holds that time. A point at a new time whose diaSourceId is stored already
+(looked up only when it is not above the event's largest diaSourceId) is *changed*.
+Otherwise a point later than the newest is *appended*; an earlier one is *out of order*,
+or a duplicate (``unverified``) when it is older than every stored point and older points
+were dropped. Changed, conflict and out of order points are dead letters; duplicates and
+skipped history write nothing.
 
 All of a poll batch's events go to Redis in one pipeline of script calls (chunks of
 ``chunk_events`` events per call, one round trip); so does the score update. Every script
 is safe to run twice (a pipeline replayed after a connection error, a batch retried):
 the second run changes nothing and still reports a pending trigger.
 Multi-key script calls need a single Redis (not Redis Cluster).
-The scripts live in ``broker/lua/`` and share this module's constants (``lua_script``).
 """
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 from dataclasses import dataclass
+from importlib import resources
 from typing import Optional, Sequence
 
 import numpy as np
 
 from broker.errors import BrokerError
-
-VERSION = 2
-# version | M | flags | 0 | n_total | n_scored | n_dropped | last diaSourceId | max diaSourceId |
-# reference | last time | model tag, then f32 x M ring
-HEADER_FIXED = struct.Struct("<BBBBIIIqqddI")  # 52 bytes
-FLAG_REFERENCE = 1
-FLAG_TRIGGERED = 2
-# one stored point (26 bytes); the append script's input is the same without ``p``
-RECORD = np.dtype([("t", "<f8"), ("id", "<i8"), ("mag", "<f4"), ("err", "<f4"), ("band", "u1"),
-                   ("p", "u1")])
-INPUT = np.dtype([("t", "<f8"), ("id", "<i8"), ("mag", "<f4"), ("err", "<f4"), ("band", "u1")])
-BANDS = "ugrizy"
-BAND_UNKNOWN = 255
-PROB_UNSCORED = 255
-EXACT_LIMIT = 4096  # values up to this many bytes are rewritten at their exact size; longer: APPEND
-PROB_SCALE = 254.0
-# append reply prefix: window start index, points dropped now, trigger status byte, 1 when
-# the event was scored by another model (or smoothing window) and is scored again now
-PREFIX = struct.Struct("<IIBB")
-SCORE_PREFIX = struct.Struct("<IIB")  # score update: old n_scored, u, fire
-
-# Status codes of each incoming point, as returned by the append script.
-APPENDED, DUPLICATE, OUT_OF_ORDER, CONFLICT, DUPLICATE_UNVERIFIED, CHANGED = \
-    b"0", b"1", b"2", b"3", b"4", b"5"
-
-# Trigger outcome codes of the score script (and of the PSPL-fit rule's save script).
-TRIG_NONE, TRIG_NEW, TRIG_DONE, TRIG_PENDING, TRIG_CONFLICT, TRIG_GONE, TRIG_ALREADY = \
-    "N", "T", "D", "P", "C", "G", "A"
-
-
-def _lua_prelude() -> str:
-    """The constants the Lua scripts share with this module, written from it (one source)."""
-    return "\n".join([
-        f"local REC = {RECORD.itemsize}", f"local IN_SIZE = {INPUT.itemsize}",
-        f"local P_OFF = {RECORD.fields['p'][1]}",
-        # struct's c8 keeps the int64 ids as bytes (Lua numbers are doubles)
-        "local HFMT = '<BBBBIIIc8c8ddI'", f"local HSIZE = {HEADER_FIXED.size}",
-        f"local VERSION = {VERSION}",
-        f"local FLAG_REFERENCE = {FLAG_REFERENCE}", f"local FLAG_TRIGGERED = {FLAG_TRIGGERED}",
-        *(f"local ST_{name} = '{code.decode()}'" for name, code in (
-            ("APPENDED", APPENDED), ("DUPLICATE", DUPLICATE), ("OUT_OF_ORDER", OUT_OF_ORDER),
-            ("CONFLICT", CONFLICT), ("UNVERIFIED", DUPLICATE_UNVERIFIED), ("CHANGED", CHANGED))),
-        ""])
+from broker.state.keys import event_key, event_pattern, trigger_key
+from broker.state.layout import (APPENDED, BAND_UNKNOWN, BANDS, BANDS_BLOCK, CHANGED, CONFLICT,  # noqa: F401
+                                 DUPLICATE, DUPLICATE_UNVERIFIED, EXACT_LIMIT, FLAG_TRIGGERED,
+                                 HEADER_FIXED, HISTORY, INPUT, KIND_HISTORY, KIND_LIVE, N_SLOTS,
+                                 OUT_OF_ORDER, PREFIX, PROB_SCALE, PROB_UNSCORED, RECORD,
+                                 SCORE_PREFIX, TRIG_ALREADY, TRIG_CONFLICT, TRIG_DONE, TRIG_GONE,
+                                 TRIG_NEW, TRIG_NONE, TRIG_PENDING, VERSION, band_codes, band_name,
+                                 band_slots, header_size, lua_prelude, model_tag, slot_name)
 
 
 def lua_script(name: str) -> str:
-    """``broker/lua/<name>.lua`` with the shared constants in front."""
-    from importlib import resources
-
-    return _lua_prelude() + resources.files("broker").joinpath("lua", f"{name}.lua").read_text()
-
-
-def model_tag(model_version: str, smooth_window: int, reference_points: int) -> int:
-    """u32 naming what scored an event's stored probabilities: a state scored under another
-    tag is scored again (broker/lua/append.lua)."""
-    return zlib.crc32(f"{model_version}|M={smooth_window}|K={reference_points}".encode())
-
-
-def header_size(m: int) -> int:
-    return HEADER_FIXED.size + 4 * m
+    """``broker/state/lua/<name>.lua`` with the shared constants in front."""
+    return lua_prelude() + resources.files("broker.state").joinpath("lua", f"{name}.lua").read_text()
 
 
 @dataclass(frozen=True)
@@ -127,9 +69,10 @@ class Header:
     n_dropped: int
     last_source_id: int
     max_source_id: int
-    reference: Optional[float]
     last_time: Optional[float]
     model_tag: int
+    references: np.ndarray  # (N_SLOTS,) float64 per band slot, NaN until the band has K points
+    band_counts: np.ndarray  # (N_SLOTS,) points appended per band slot (saturating at 65535)
     ring_bytes: bytes  # f32 x M, oldest first; valid = min(M, n_scored) newest entries
 
     @property
@@ -150,26 +93,24 @@ def parse_header(buf: bytes, offset: int = 0) -> Header:
     ver = buf[offset] if len(buf) > offset else None
     if ver != VERSION:
         raise BrokerError(f"event state version {ver}, this code reads version {VERSION}")
-    (_, m, flags, _, ntot, nsc, ndrop, last_id, max_id, ref, last_t,
+    (_, m, flags, _, ntot, nsc, ndrop, last_id, max_id, last_t,
      tag) = HEADER_FIXED.unpack_from(buf, offset)
-    start = offset + HEADER_FIXED.size
+    bands = BANDS_BLOCK.unpack_from(buf, offset + HEADER_FIXED.size)
+    start = offset + HEADER_FIXED.size + BANDS_BLOCK.size
     return Header(VERSION, m, flags, ntot, nsc, ndrop, last_id, max_id,
-                  ref if flags & FLAG_REFERENCE and ref == ref else None,
-                  last_t if last_t == last_t else None, tag, bytes(buf[start:start + 4 * m]))
+                  last_t if last_t == last_t else None, tag,
+                  np.array(bands[:N_SLOTS], dtype=np.float64),
+                  np.array(bands[N_SLOTS:], dtype=np.int64), bytes(buf[start:start + 4 * m]))
 
 
-def band_codes(bands) -> np.ndarray:
-    """u8 band codes (index in ``ugrizy``; BAND_UNKNOWN otherwise) of band names."""
-    lut = {b: i for i, b in enumerate(BANDS)}
-    return np.fromiter((lut.get(b, BAND_UNKNOWN) for b in bands), dtype=np.uint8)
-
-
-def pack_points(ids, times, mags, errs, bands=None) -> bytes:
-    """The append script's input for points in order (``INPUT``: 25 bytes each);
-    ``bands`` u8 codes (:func:`band_codes`), unknown when not given."""
+def pack_points(ids, times, mags, errs, bands=None, kinds=None) -> bytes:
+    """The append script's input for points in order (``INPUT``: 26 bytes each);
+    ``bands`` u8 codes (:func:`band_codes`), unknown when not given; ``kinds``
+    ``KIND_LIVE`` (default) or ``KIND_HISTORY`` per point."""
     a = np.empty(len(ids), dtype=INPUT)
     a["id"], a["t"], a["mag"], a["err"] = ids, times, mags, errs
     a["band"] = BAND_UNKNOWN if bands is None else bands
+    a["kind"] = KIND_LIVE if kinds is None else kinds
     return a.tobytes()
 
 
@@ -257,7 +198,9 @@ class EventView:
         return {
             "diaObjectId": self.object_id, "n_total": h.n_total, "n_scored": h.n_scored,
             "n_dropped": h.n_dropped, "n_stored": int(len(self.points)),
-            "last_diaSourceId": h.last_source_id, "reference_mag": h.reference,
+            "last_diaSourceId": h.last_source_id,
+            "reference_mag": {slot_name(i): float(r) for i, r in enumerate(h.references) if r == r},
+            "points_per_band": {slot_name(i): int(c) for i, c in enumerate(h.band_counts) if c},
             "model_tag": h.model_tag,
             "last_probabilities": [float(x) for x in ring],
             "score": float(np.mean(ring.astype(np.float64))) if len(ring) else None,
@@ -265,7 +208,7 @@ class EventView:
             "trigger": self.trigger, "ttl_s": self.ttl_s,
             "points": [{"index": self.first_index + i, "diaSourceId": int(p["id"]),
                         "midpointMjdTai": float(p["t"]),
-                        "band": BANDS[p["band"]] if p["band"] < len(BANDS) else None,
+                        "band": band_name(int(p["band"])),
                         "mag": float(p["mag"]), "mag_err": float(p["err"]),
                         "p_binary": None if np.isnan(q) else round(float(q), 4)}
                        for i, (p, q) in enumerate(zip(self.points, probs))],
@@ -367,14 +310,6 @@ class EventStore:
         return read_event(self.r, self.prefix, object_id)
 
 
-def event_key(prefix: str, object_id: int) -> str:
-    return f"{prefix}:ev:{int(object_id)}"
-
-
-def trigger_key(prefix: str, object_id: int) -> str:
-    return f"{prefix}:tr:{int(object_id)}"
-
-
 def pending_in(client, keys: Sequence[str], object_ids: Sequence[int]) -> dict[int, dict]:
     """{object id: trigger record} of the outbox keys whose status is still pending."""
     if not keys:
@@ -406,7 +341,7 @@ def read_event(client, prefix: str, object_id: int) -> Optional[EventView]:
 def scan_events(client, prefix: str, limit: int = 100) -> list[int]:
     """Ids of live events (SCAN; for inspection, not for the hot path)."""
     out = []
-    for k in client.scan_iter(match=f"{prefix}:ev:*", count=1000):
+    for k in client.scan_iter(match=event_pattern(prefix), count=1000):
         out.append(int(k.decode().rsplit(":", 1)[1]))
         if len(out) >= limit:
             break

@@ -28,7 +28,7 @@ for i = 1, n do
   if #h < H then
     out[i] = 'G'
   else
-    local ver, m, flags, rsv, ntot, nsc, ndrop, lastid, maxid, ref, lastt, tag = struct.unpack(HFMT, h)
+    local ver, m, flags, rsv, ntot, nsc, ndrop, lastid, maxid, lastt, tag = struct.unpack(HFMT, h)
     if ver ~= VERSION or m ~= M or tag ~= TAG or nsc < old or old + u > ntot then
       out[i] = 'C'
     elseif nsc >= old + u then
@@ -52,9 +52,11 @@ for i = 1, n do
           res = outbox(tk)
         end
       end
+      -- the fixed header (n_scored, flags) and the ring; the band block between is the
+      -- append script's
       redis.call('SETRANGE', key, 0,
-        struct.pack(HFMT, ver, m, flags, 0, ntot, old + u, ndrop, lastid, maxid, ref, lastt, tag)
-          .. string.sub(a, 10, 9 + 4 * M))
+        struct.pack(HFMT, ver, m, flags, 0, ntot, old + u, ndrop, lastid, maxid, lastt, tag))
+      redis.call('SETRANGE', key, HSIZE, string.sub(a, 10, 9 + 4 * M))
       out[i] = res
     end
   end
