@@ -9,6 +9,14 @@ directory unless ``--truth-out`` names the truth file elsewhere):
   baseline_mag, dchi2, n_points, first_mjd, last_mjd, source, run_id; NaN -> null.
 * ``replay.json``: the run's parameters, counts, timing and survey MJD range.
 
+Formats (``--format``): ``ulens`` (default), our compact alert (``schemas/alert/``), one
+per observed point (or per detection with ``--detections-only``); ``rubin``, Rubin's own
+packet ``lsst.vN_M.alert`` (``--rubin-version``, schemas fetched by ``ulens rubin
+fetch-schemas``), one per 5-sigma detection with 365 days of history
+(:mod:`replay.rubin`). Both go through the same plan, pacing and producer; every message
+carries its production time in the header ``ulens.alertProducedUs`` (µs); key =
+diaObjectId unless ``--no-key``.
+
 Exit status: 0 all alerts delivered; 1 some alert not delivered (the count is printed);
 2 bad input (clean error); 130 interrupted (Ctrl-C / SIGTERM, after flushing).
 """
@@ -24,7 +32,8 @@ from pathlib import Path
 from typing import Optional
 
 HELP = ("Stream a dataset (.npz) or archival light curves as Avro alerts into Kafka, all events "
-        "interleaved in survey-time order, one alert per observed point, key = diaObjectId.")
+        "interleaved in survey-time order: compact alerts (one per observed point) or Rubin's own "
+        "packets (one per 5-sigma detection), key = diaObjectId.")
 
 
 class ReplayUsageError(ValueError):
@@ -65,6 +74,14 @@ def _non_negative_int(text: str) -> int:
     return v
 
 
+def _rubin_version(text: str) -> tuple[int, int]:
+    from schemas import rubin
+    try:
+        return rubin.parse_version(text)
+    except rubin.RubinSchemaError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _kv(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -78,6 +95,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--photometry", metavar="FILE", nargs="+",
                      help="archival light curves: text tables (time, mag, error), one file per event; "
                           "time as JD/HJD, HJD-2450000 or MJD (detected), replayed at the file's own MJD")
+    p.add_argument("--format", choices=("ulens", "rubin"), default="ulens",
+                   help="ulens: our compact alert (schemas/alert); rubin: Rubin's packet lsst.vN_M.alert, "
+                        "one per 5-sigma detection with 365 days of detections and forced photometry "
+                        "(needs `ulens rubin fetch-schemas`) (default: ulens)")
+    p.add_argument("--rubin-version", default="11.1", metavar="M.m", type=_rubin_version,
+                   help="--format rubin: Rubin's schema version, 11.1 or 10.0 (default: 11.1)")
+    p.add_argument("--no-key", action="store_true",
+                   help="produce messages without a key, as Rubin's stream does (default: key = diaObjectId)")
     p.add_argument("--speed", type=_speed, default=None,
                    help="survey seconds per wall second (86400 = one survey day per second) or 'max' "
                         "[config replay.speed]")
@@ -121,10 +146,19 @@ def _options(args, settings) -> dict:
     start = pick(args.start_mjd, r.start_mjd)
     if not math.isfinite(start):
         raise ReplayUsageError(f"--start-mjd must be finite, got {start}")
-    return {"speed": None if speed == "max" else float(speed), "speed_arg": speed,
+    rubin = args.format == "rubin"
+    if rubin and args.history is not None:
+        raise ReplayUsageError("--history is for --format ulens: a Rubin packet carries the previous "
+                               "365 days of detections and forced photometry")
+    if rubin and args.detections_only is False:
+        raise ReplayUsageError("--format rubin sends one packet per detection: --no-detections-only "
+                               "does not apply")
+    return {"format": args.format,
+            "rubin_version": "%d.%d" % args.rubin_version if rubin else None,
+            "keyed": not args.no_key,"speed": None if speed == "max" else float(speed), "speed_arg": speed,
             "rate": pick(args.rate, r.rate), "start_mjd": float(start),
-            "history": pick(args.history, r.history_points),
-            "detections_only": pick(args.detections_only, r.detections_only),
+            "history": 0 if rubin else pick(args.history, r.history_points),
+            "detections_only": True if rubin else pick(args.detections_only, r.detections_only),
             "snr_threshold": float(snr), "publish_truth": pick(args.publish_truth, r.publish_truth),
             "topic": args.topic or settings.kafka.topics.alerts,
             "limit_events": args.limit_events}
@@ -164,6 +198,26 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def _rubin(codec, p, version: tuple[int, int]):
+    """(schema id, encode, records) of Rubin's packets for plan ``p``; the first packet is
+    decoded under the schema before any I/O."""
+    import itertools
+
+    from replay.rubin import RubinPackets
+    from schemas import HEADER, MAGIC, rubin
+
+    schema = rubin.load_schema(*version)        # not fetched: says the command to run
+    sid = rubin.schema_id(*version)
+    codec.add_schema(sid, schema)
+    encode = HEADER.pack(MAGIC, sid).__add__
+    records = RubinPackets(p, schema).records()
+    first = next(records, None)
+    if first is None:
+        return sid, encode, iter(())
+    codec.decode_kinds(encode(first[2]), "rubin")
+    return sid, encode, itertools.chain([first], records)
+
+
 def run(args) -> int:
     import config as cfg
     from replay import producer as kp
@@ -184,11 +238,17 @@ def run(args) -> int:
     p = plan(lc, history=o["history"], detections_only=o["detections_only"],
              snr_threshold=o["snr_threshold"])
     codec = default_codec()
-    alert_sid = codec.schema_id("alert")
+    if o["format"] == "rubin":
+        alert_sid, encode, records = _rubin(codec, p, args.rubin_version)
+        produced_field = None
+    else:
+        alert_sid = codec.schema_id("alert")
+        encode = functools.partial(codec.encode, schema_id=alert_sid)
+        records, produced_field = None, "alertProducedUs"
+        if p.n_alerts:   # one record through the real schema before any I/O
+            codec.encode(next(p.records())[2], schema_id=alert_sid)
     if o["publish_truth"]:
         codec.schema_id("truth")
-    if p.n_alerts:   # one record through the real schema before any I/O
-        codec.encode(next(p.records())[2], schema_id=alert_sid)
     overrides = dict(args.producer_config)
     started = dt.datetime.now(dt.timezone.utc)
     folder, truth_path, run_id = _run_dir(args.truth_out, started.strftime("%Y%m%dT%H%M%SZ"))
@@ -201,8 +261,9 @@ def run(args) -> int:
         if args.truth_out is None:
             folder.rmdir()   # nothing was written there
         raise
+    what = f", Rubin lsst.v{o['rubin_version'].replace('.', '_')} packets" if o["format"] == "rubin" else ""
     print(f"replay: {p.n_alerts} alerts of {lc.n_events} events from {lc.source} -> topic "
-          f"{o['topic']} ({partitions} partitions{', created' if created else ''})", file=sys.stderr)
+          f"{o['topic']} ({partitions} partitions{', created' if created else ''}{what})", file=sys.stderr)
     delivery = kp.Delivery()
     producer = kp.make_producer(client, delivery, overrides)
     progress = None
@@ -211,12 +272,12 @@ def run(args) -> int:
         progress = tqdm(total=p.n_alerts, unit="alert", unit_scale=True, file=sys.stderr,
                         mininterval=0.5, smoothing=0.1)
     enc = codec.encode
-    encode = functools.partial(enc, schema_id=alert_sid)
     stop = kp.StopFlag()
     with stop.installed():
         try:
             out = kp.stream_plan(p, producer, o["topic"], encode, delivery, speed=o["speed"],
-                                 rate=o["rate"], stop=stop, progress=progress)
+                                 rate=o["rate"], stop=stop, progress=progress, records=records,
+                                 produced_field=produced_field, keyed=o["keyed"])
         finally:
             if progress is not None:
                 progress.close()
@@ -251,6 +312,7 @@ def run(args) -> int:
         "options": {**{k: v for k, v in o.items() if k not in ("speed", "speed_arg")},
                     "speed": o["speed_arg"], "producer_overrides": overrides},
         "kafka": {"bootstrap_servers": cfg.mask_url(client.get("bootstrap.servers")), "topic": o["topic"],
+                  "schema_id": alert_sid,
                   "partitions": partitions, "topic_created": created,
                   "truth_topic": settings.kafka.topics.truth if o["publish_truth"] else None},
         "counts": {"alerts_planned": p.n_alerts, "alerts_produced": n,

@@ -9,7 +9,7 @@ import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -33,6 +33,9 @@ PRODUCER_DEFAULTS = {
     "queue.buffering.max.kbytes": 1_048_576,
 }
 POLL_EVERY = 1024          # alerts between poll(0) / progress updates / rate bookkeeping
+# Kafka message header with the wall-clock production time, decimal microseconds since the
+# Unix epoch, on every alert of both formats (Rubin's packet has no field for it)
+PRODUCED_HEADER = "ulens.alertProducedUs"
 SECONDS_PER_DAY = 86_400.0
 
 
@@ -213,10 +216,11 @@ def make_producer(client_config: dict, delivery: Delivery, overrides: Optional[d
         raise ReplayError(f"bad producer configuration: {exc}") from None
 
 
-def _produce(producer: Producer, topic: str, key: bytes, value: bytes) -> None:
+def _produce(producer: Producer, topic: str, key: Optional[bytes], value: bytes,
+             headers: Optional[list] = None) -> None:
     while True:
         try:
-            producer.produce(topic, value, key)
+            producer.produce(topic, value, key, headers=headers)
             return
         except BufferError:          # local queue full: serve delivery reports, retry
             producer.poll(0.05)
@@ -231,10 +235,15 @@ def produce_all(producer: Producer, topic: str, items, timeout_s: float = 60.0) 
 
 def stream_plan(plan: Plan, producer: Producer, topic: str, encode: Callable[[dict], bytes],
                 delivery: Delivery, *, speed: Optional[float] = None, rate: Optional[float] = None,
-                stop: Optional[StopFlag] = None, progress=None, flush_timeout_s: float = 120.0
-                ) -> Outcome:
+                stop: Optional[StopFlag] = None, progress=None, flush_timeout_s: float = 120.0,
+                records: Optional[Iterable] = None, produced_field: Optional[str] = "alertProducedUs",
+                keyed: bool = True) -> Outcome:
     """Produce every alert of ``plan`` in order, paced; flush; count what was delivered.
 
+    ``records``: (key, mjd, record) per alert in the plan's send order, default the compact
+    alerts of ``plan.records``; ``encode(record)`` gives the message value. The production
+    time (µs) goes in the header ``PRODUCED_HEADER`` and, when ``produced_field`` names one,
+    in that field of the record before encoding. ``keyed=False``: messages without a key.
     ``progress``: a tqdm-like object (``update(n)``, ``set_postfix_str(s, refresh=False)``).
     A set ``stop`` ends the loop early (Ctrl-C / SIGTERM); what is in flight is flushed.
     """
@@ -251,7 +260,9 @@ def stream_plan(plan: Plan, producer: Producer, topic: str, encode: Callable[[di
     n = 0
     last_tick = 0
     error = None
-    for key, mjd, rec in plan.records(union_tuples=True):
+    if records is None:
+        records = plan.records(union_tuples=True)
+    for key, mjd, rec in records:
         if stop.set:
             break
         if pacer is not None:
@@ -262,14 +273,19 @@ def stream_plan(plan: Plan, producer: Producer, topic: str, encode: Callable[[di
                 now = mono()
             if stop.set:
                 break
-        rec["alertProducedUs"] = now_ns() // 1000
+        us = now_ns() // 1000
+        if produced_field is not None:
+            rec[produced_field] = us
         value = encode(rec)
+        headers = [(PRODUCED_HEADER, b"%d" % us)]
+        if not keyed:
+            key = None
         try:
-            produce(topic, value, key)
+            produce(topic, value, key, headers=headers)
         except BufferError:
             poll(0.05)
             try:
-                _produce(producer, topic, key, value)
+                _produce(producer, topic, key, value, headers)
             except KafkaException as exc:
                 error = str(exc)
                 break

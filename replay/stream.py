@@ -278,6 +278,25 @@ class Plan:
                         if union_tuples else prv[max(start[g], g - n_hist):g]}
 
 
+def point_events(lc: LightCurves) -> tuple[np.ndarray, np.ndarray]:
+    """(event index, index in the event) of every point."""
+    lens = np.diff(lc.offsets)
+    event_of_point = np.repeat(np.arange(lc.n_events, dtype=np.int64), lens)
+    return event_of_point, np.arange(lc.n_points, dtype=np.int64) - np.repeat(lc.offsets[:-1], lens)
+
+
+def point_photometry(lc: LightCurves) -> tuple:
+    """(scienceFlux, scienceFluxErr, psfFlux, psfFluxErr, band) of every point: the
+    dataset's own, else derived from the magnitudes (:func:`fluxes`, band ``i``)."""
+    if lc.fluxes is not None:
+        sci, sci_err, psf, psf_err = lc.fluxes
+    else:
+        sci, sci_err, psf, psf_err = fluxes(lc.mag, lc.mag_err,
+                                            np.repeat(lc.baseline_mag, np.diff(lc.offsets)))
+    band = lc.band if lc.band is not None else np.full(lc.n_points, BAND, dtype=object)
+    return sci, sci_err, psf, psf_err, band
+
+
 def plan(lc: LightCurves, *, history: int = 0, detections_only: bool = False,
          snr_threshold: float = 5.0) -> Plan:
     """Select the points to send and sort them into survey-time order (one stable argsort)."""
@@ -285,14 +304,8 @@ def plan(lc: LightCurves, *, history: int = 0, detections_only: bool = False,
         raise ReplayError(f"history must be >= 0, got {history}")
     lc.validate()
     n, p = lc.n_events, lc.n_points
-    lens = np.diff(lc.offsets)
-    event_of_point = np.repeat(np.arange(n, dtype=np.int64), lens)
-    index_in_event = np.arange(p, dtype=np.int64) - np.repeat(lc.offsets[:-1], lens)
-    if lc.fluxes is not None:
-        sci, sci_err, psf, psf_err = lc.fluxes
-    else:
-        sci, sci_err, psf, psf_err = fluxes(lc.mag, lc.mag_err, lc.baseline_mag[event_of_point])
-    band = lc.band if lc.band is not None else np.full(p, BAND, dtype=object)
+    event_of_point, index_in_event = point_events(lc)
+    sci, sci_err, psf, psf_err, band = point_photometry(lc)
     if detections_only:
         det = lc.detected if lc.detected is not None else np.abs(psf) >= snr_threshold * psf_err
         keep = np.flatnonzero(det)

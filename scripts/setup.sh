@@ -30,4 +30,7 @@ fi
 echo "setup: installing the project and its dependencies into .venv (first run downloads torch)"
 .venv/bin/python -m pip install -q -e ".[test]"
 .venv/bin/ulens services fetch >/dev/null
+# Rubin's alert schemas and sample packets: data files of lsst-alert-packet (GPLv3) from
+# PyPI, kept in ~/.cache/ulens/rubin-schemas/ (env ULENS_RUBIN_SCHEMAS); never installed
+.venv/bin/ulens rubin fetch-schemas --quiet >/dev/null
 echo "setup: done"

@@ -77,3 +77,24 @@ def assert_states_match(dump_a: dict, dump_b: dict, tol: float) -> None:
             assert abs(pa - pb) <= tol, (key, "probability", pa, pb)
         else:
             assert a == b, key
+
+
+def rubin_schemas(*versions):
+    """The folder of Rubin's fetched schemas (``schemas.rubin.schema_dir()``) holding
+    ``versions`` (default: every supported one). Not fetched: skip, with the command to run,
+    except in CI (env CI set), where set-up fetches them, so there it fails."""
+    import os
+
+    import pytest
+
+    from schemas import rubin
+
+    want = list(versions or rubin.SUPPORTED)
+    missing = [v for v in want if v not in rubin.available()]
+    if missing:
+        why = (f"Rubin's alert schemas {', '.join(f'{a}.{b}' for a, b in missing)} are not in "
+               f"{rubin.schema_dir()}: run `{rubin.FETCH_COMMAND}`")
+        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+            pytest.fail(why + " (CI fetches them in scripts/setup.sh)")
+        pytest.skip(why)
+    return rubin.schema_dir()

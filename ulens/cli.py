@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.train", "train the TD-CNN on a simulated dataset"),
     "evaluate": ("training.evaluate", "evaluate a trained model on held-out events"),
     "experiments": ("training.experiments", "cadence / noise / topology series: simulate, train, evaluate"),
+    "rubin": ("ulens.rubin", "fetch Rubin's alert schemas and sample packets (lsst-alert-packet's data files)"),
     "replay": ("replay.cli", "stream a dataset or archival light curves as Avro alerts into Kafka, in survey time order"),
     "consume": ("broker.cli_consume", "run the broker: alerts -> Redis light curves -> TD-CNN -> triggers"),
     "subscribe": ("broker.cli_subscribe", "print triggers as they arrive (the follow-up observer's view)"),

@@ -121,3 +121,97 @@ def test_decoding_garbage_never_raises_anything_but_codec_errors(codec):
             codec.decode(data)
         except CodecError:
             pass
+
+
+# ---------------------------------------------------------------------------- run-time schemas
+
+def _schema(ns: str, name: str, extra: str = "x") -> dict:
+    return {"type": "record", "name": name, "namespace": ns, "doc": "test",
+            "fields": [{"name": extra, "type": "long", "doc": "a field"}]}
+
+
+@pytest.mark.parametrize("schema, kind", [
+    (_schema("lsst.v11_1", "alert"), "rubin"),
+    ({"type": "record", "name": "lsst.v10_0.alert", "fields": []}, "rubin"),   # full name in "name"
+    (_schema("ulens.alert.v1_0", "alert"), "alert"),
+    (_schema("ulens.trigger.v1_0", "trigger"), "trigger"),
+])
+def test_kind_of_schema_by_full_name(schema, kind):
+    assert schemas.kind_of_schema(schema) == kind
+
+
+@pytest.mark.parametrize("schema", [_schema("lsst.v11_1", "diaSource"), _schema("ztf", "alert"), {}, "long"])
+def test_kind_of_schema_refuses_other_schemas(schema):
+    with pytest.raises(CodecError, match="neither a Rubin alert packet"):
+        schemas.kind_of_schema(schema)
+
+
+def test_add_schema_makes_an_id_known_and_keeps_ids_immutable():
+    c = Codec()
+    s = _schema("lsst.v99_1", "alert")
+    assert not c.known(9901)
+    c.add_schema(9901, s)
+    c.add_schema(9901, s)                                    # the same schema again: fine
+    c.add_schema(9901, fastavro.parse_schema(s))             # already parsed: the same
+    assert c.known(9901) and c.kind_of(9901) == "rubin"
+    data = c.encode({"x": 5}, schema_id=9901)
+    assert data[:5] == b"\x00" + struct.pack(">I", 9901)
+    assert c.decode(data) == (9901, {"x": 5})
+    assert c.decode_kinds(data, ("alert", "rubin")) == ("rubin", {"x": 5})
+    with pytest.raises(CodecError, match="already known with another schema"):
+        c.add_schema(9901, _schema("lsst.v99_1", "alert", extra="y"))
+    with pytest.raises(CodecError, match="already known with another schema"):
+        c.add_schema(1, s)                                   # a registry id
+    c.add_schema(9902, _schema("lsst.v99_2", "alert"), kind="alert")   # an explicit kind wins
+    assert c.kind_of(9902) == "alert"
+    assert not Codec().known(9901)                           # per codec, not global
+
+
+def test_resolver_is_asked_once_per_unknown_id():
+    asked = []
+
+    def resolver(sid):
+        asked.append(sid)
+        return _schema("lsst.v77_0", "alert") if sid == 7700 else None
+
+    c = Codec(resolver=resolver)
+    other = Codec()
+    other.add_schema(7700, _schema("lsst.v77_0", "alert"))
+    data = other.encode({"x": 1}, schema_id=7700)
+    assert c.decode(data) == (7700, {"x": 1}) and c.decode(data) == (7700, {"x": 1})
+    assert c.kind_of(7700) == "rubin"
+    bad = b"\x00" + struct.pack(">I", 4242) + b"\x02"
+    for _ in range(3):
+        with pytest.raises(UnknownSchemaId, match="4242"):
+            c.decode(bad)
+    assert asked == [7700, 4242]
+    c.decode(c.encode(mock_alert()))                         # registry ids never ask
+    assert asked == [7700, 4242]
+
+
+def test_a_failing_resolver_is_asked_again_later():
+    calls = {"n": 0}
+
+    def resolver(sid):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("registry away")
+        return _schema("lsst.v77_0", "alert")
+
+    other = Codec()
+    other.add_schema(7700, _schema("lsst.v77_0", "alert"))
+    data = other.encode({"x": 3}, schema_id=7700)
+    c = Codec(resolver=resolver)
+    with pytest.raises(ConnectionError):
+        c.decode(data)
+    assert c.decode(data) == (7700, {"x": 3}) and calls["n"] == 2
+
+
+def test_decode_kinds_names_the_kind_or_refuses():
+    c = Codec()
+    alert = c.encode(mock_alert())
+    kind, rec = c.decode_kinds(alert, ("rubin", "alert"))
+    assert kind == "alert" and rec["diaObjectId"] == mock_alert()["diaObjectId"]
+    assert c.decode_kinds(alert, "alert")[0] == "alert"
+    with pytest.raises(WrongKind, match="expected trigger or truth"):
+        c.decode_kinds(alert, ("trigger", "truth"))
