@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("training.evaluate", "evaluate a trained model on held-out events"),
     "experiments": ("training.experiments", "cadence / noise / topology series: simulate, train, evaluate"),
     "replay": ("replay.cli", "stream a dataset or archival light curves as Avro alerts into Kafka, in survey time order"),
+    "rekey": ("broker.cli_rekey", "re-produce an unkeyed alert stream (Rubin's) keyed by diaObjectId, bytes unchanged"),
     "consume": ("broker.cli_consume", "run the broker: alerts -> Redis light curves -> TD-CNN -> triggers"),
     "subscribe": ("broker.cli_subscribe", "print triggers as they arrive (the follow-up observer's view)"),
     "events": ("broker.cli_events", "inspect an event's stored points, probabilities and trigger state"),
