@@ -22,7 +22,7 @@ from schemas import HEADER, MAGIC, Codec, default_codec
 
 log = logging.getLogger("broker.schema_registry")
 
-PASSWORD_ENV = "ULENS_SCHEMA_REGISTRY_PASSWORD"
+AUTH_ENV = "ULENS_SCHEMA_REGISTRY_PASSWORD"
 # HTTP statuses of a registry that is away or overloaded (and retried by the client first)
 _UNAVAILABLE_STATUS = frozenset((408, 429, 500, 502, 503, 504))
 
@@ -34,9 +34,9 @@ def client_conf(reg) -> dict:
             # the client's own retries stay short: the broker's retry loop waits out outages
             "max.retries": 1, "retries.wait.ms": 200, "retries.max.wait.ms": 1000}
     if reg.basic_auth_user:
-        password = os.environ.get(PASSWORD_ENV)
+        password = os.environ.get(AUTH_ENV)
         if not password:
-            raise BrokerError(f"env {PASSWORD_ENV} is not set but kafka.schema_registry."
+            raise BrokerError(f"env {AUTH_ENV} is not set but kafka.schema_registry."
                               f"basic_auth_user is {reg.basic_auth_user!r}")
         conf["basic.auth.user.info"] = f"{reg.basic_auth_user}:{password}"
     if reg.ssl_ca_location:

@@ -74,18 +74,18 @@ class Partitions:
 
 def kafka_client_config(bootstrap_servers: str, security_protocol: str, sasl_mechanism: Optional[str],
                         sasl_username: Optional[str], ssl_ca_location: Optional[str],
-                        password_env: str, where: str = "kafka") -> dict:
+                        env_var: str, where: str = "kafka") -> dict:
     """librdkafka connection settings (address, security); the SASL password is read from
-    the environment variable ``password_env`` here, never from a file. ``where``: the
+    the environment variable ``env_var`` here, never from a file. ``where``: the
     config section named in errors."""
     conf = {"bootstrap.servers": bootstrap_servers, "security.protocol": security_protocol}
     if security_protocol.startswith("SASL"):
         if not sasl_mechanism or not sasl_username:
             raise ConfigError(f"{where}.sasl_mechanism and {where}.sasl_username are required "
                               f"with security_protocol {security_protocol}")
-        password = os.environ.get(password_env)
+        password = os.environ.get(env_var)
         if not password:
-            raise ConfigError(f"env {password_env} is not set but "
+            raise ConfigError(f"env {env_var} is not set but "
                               f"{where}.security_protocol is {security_protocol}")
         conf.update({"sasl.mechanism": sasl_mechanism, "sasl.username": sasl_username,
                      "sasl.password": password})
