@@ -36,7 +36,7 @@ from broker.rule_psplfit import PsplFitRule, RuleCost, params_from_settings
 from broker.triggers import Rule, decide_many, trigger_at
 from broker.validate import (Rejected, append_outcomes, dead_letter, message_headers, mjd_now,
                              validate_batch)
-from schemas import default_codec
+from broker.schema_registry import codec_for, resolve_ids
 
 log = logging.getLogger("broker")
 
@@ -148,8 +148,8 @@ class Broker:
         self.settings = settings
         c = settings.consumer
         self.topic = topic or settings.kafka.topics.alerts
-        self.group = group or c.group
-        self.codec = default_codec()
+        self.group = settings.consumer_group(group)
+        self.codec = codec_for(settings)     # + kafka.schema_registry for unknown ids
         self.artifact = artifact
         dec = artifact.decision
         self.rule = Rule("tdcnn", c.threshold if c.threshold is not None else artifact.threshold,
@@ -396,7 +396,9 @@ class Broker:
             return
         c = self.settings.consumer
         max_mjd = None if c.future_margin_s is None else mjd_now() + c.future_margin_s / 86400.0
-        batch = validate_batch(self.codec, [m.value() for m in msgs], [m.key() for m in msgs], max_mjd,
+        values = [m.value() for m in msgs]
+        resolve_ids(self.codec, values)   # a registry outage raises here (retried), not a dead letter
+        batch = validate_batch(self.codec, values, [m.key() for m in msgs], max_mjd,
                                [m.timestamp()[1] * 1000 for m in msgs])
         points, kept = batch.points, batch.kept
         dead: list[tuple[int, Rejected]] = sorted(batch.rejected.items())

@@ -16,3 +16,9 @@ class DeliveryError(BrokerError):
     def __init__(self, message: str, transient: bool = False):
         super().__init__(message)
         self.transient = transient
+
+
+class RegistryUnavailable(BrokerError):
+    """The schema registry could not be asked (unreachable, timing out, answering 5xx):
+    waited out like a Kafka or Redis outage (``broker.retry``), never a dead letter."""
+    exit_code = 4       # services unavailable

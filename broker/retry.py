@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from broker.errors import BrokerError, DeliveryError
+from broker.errors import BrokerError, DeliveryError, RegistryUnavailable
 
 
 def _kafka_codes(*names: str) -> frozenset:
@@ -66,8 +66,8 @@ def alarm_of(exc: BaseException) -> Optional[str]:
 
 
 def transient_cause(exc: BaseException) -> Optional[str]:
-    """``"redis"`` or ``"kafka"`` when ``exc`` is a fault of that service worth waiting
-    out; None when it is not (it must stop the consumer)."""
+    """``"redis"``, ``"kafka"`` or ``"registry"`` (the schema registry) when ``exc`` is a
+    fault of that service worth waiting out; None when it is not (it must stop the consumer)."""
     import redis
     from confluent_kafka import KafkaException
 
@@ -78,6 +78,8 @@ def transient_cause(exc: BaseException) -> Optional[str]:
         return "redis"          # BusyLoadingError (LOADING after a restart) is a ConnectionError
     if alarm_of(exc) is not None:
         return "redis"
+    if isinstance(exc, RegistryUnavailable):
+        return "registry"
     if isinstance(exc, DeliveryError):
         return "kafka" if exc.transient else None
     if isinstance(exc, KafkaException):

@@ -72,40 +72,80 @@ class Partitions:
     truth: int = field(default=1, metadata=rng(1, 1024))
 
 
+def kafka_client_config(bootstrap_servers: str, security_protocol: str, sasl_mechanism: Optional[str],
+                        sasl_username: Optional[str], ssl_ca_location: Optional[str],
+                        env_var: str, where: str = "kafka") -> dict:
+    """librdkafka connection settings (address, security); the SASL password is read from
+    the environment variable ``env_var`` here, never from a file. ``where``: the
+    config section named in errors."""
+    conf = {"bootstrap.servers": bootstrap_servers, "security.protocol": security_protocol}
+    if security_protocol.startswith("SASL"):
+        if not sasl_mechanism or not sasl_username:
+            raise ConfigError(f"{where}.sasl_mechanism and {where}.sasl_username are required "
+                              f"with security_protocol {security_protocol}")
+        password = os.environ.get(env_var)
+        if not password:
+            raise ConfigError(f"env {env_var} is not set but "
+                              f"{where}.security_protocol is {security_protocol}")
+        conf.update({"sasl.mechanism": sasl_mechanism, "sasl.username": sasl_username,
+                     "sasl.password": password})
+    if ssl_ca_location:
+        conf["ssl.ca.location"] = ssl_ca_location
+    return conf
+
+
+def user_prefixed(group: str, username: Optional[str], where: str = "kafka") -> str:
+    """``group`` prefixed with the SASL user name (``alice-<group>``), as Rubin's stream
+    requires of consumer groups (they must start with the user name); a group that already
+    starts with it is kept."""
+    if not username:
+        raise ConfigError(f"group_prefix_user needs {where}.sasl_username")
+    return group if group.startswith(username) else f"{username}-{group}"
+
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = (None, "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
+class SchemaRegistrySettings:
+    """A Confluent-compatible Schema Registry asked for schema ids the codec does not know
+    (Rubin's packets); ``url`` null = off. Basic-auth password: env
+    ULENS_SCHEMA_REGISTRY_PASSWORD only."""
+    url: Optional[str] = None
+    basic_auth_user: Optional[str] = None
+    ssl_ca_location: Optional[str] = None
+    timeout_s: float = field(default=10.0, metadata=rng(0.1, 600.0))
+
+    def __post_init__(self):
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"kafka.schema_registry.url must start with http:// or https://, "
+                              f"got {mask_url(self.url)!r}")
+        if self.url is not None and "@" in self.url.split("//", 1)[-1].split("/", 1)[0]:
+            raise ConfigError("kafka.schema_registry.url must not carry credentials; set "
+                              "basic_auth_user and env ULENS_SCHEMA_REGISTRY_PASSWORD instead")
+
+
 @dataclass(frozen=True)
 class KafkaSettings:
     bootstrap_servers: str = "auto"
-    security_protocol: str = field(
-        default="PLAINTEXT",
-        metadata=rng(choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")))
-    sasl_mechanism: Optional[str] = field(
-        default=None, metadata=rng(choices=(None, "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")))
+    security_protocol: str = field(default="PLAINTEXT", metadata=rng(choices=SECURITY_PROTOCOLS))
+    sasl_mechanism: Optional[str] = field(default=None, metadata=rng(choices=SASL_MECHANISMS))
     sasl_username: Optional[str] = None
     ssl_ca_location: Optional[str] = None
+    schema_registry: SchemaRegistrySettings = SchemaRegistrySettings()
     topics: Topics = Topics()
     partitions: Partitions = Partitions()
 
     def client_config(self) -> dict:
         """librdkafka settings shared by producers, consumers and admin clients.
 
-        The SASL password is read from the environment here, never from a file.
+        The SASL password is read from the environment (ULENS_KAFKA_SASL_PASSWORD) here,
+        never from a file.
         """
-        conf = {"bootstrap.servers": self.bootstrap_servers,
-                "security.protocol": self.security_protocol}
-        if self.security_protocol.startswith("SASL"):
-            if not self.sasl_mechanism or not self.sasl_username:
-                raise ConfigError("kafka.sasl_mechanism and kafka.sasl_username are required "
-                                  f"with security_protocol {self.security_protocol}")
-            password = os.environ.get("ULENS_KAFKA_SASL_PASSWORD")
-            if not password:
-                raise ConfigError("env ULENS_KAFKA_SASL_PASSWORD is not set but "
-                                  f"kafka.security_protocol is {self.security_protocol}")
-            conf.update({"sasl.mechanism": self.sasl_mechanism,
-                         "sasl.username": self.sasl_username,
-                         "sasl.password": password})
-        if self.ssl_ca_location:
-            conf["ssl.ca.location"] = self.ssl_ca_location
-        return conf
+        return kafka_client_config(self.bootstrap_servers, self.security_protocol,
+                                   self.sasl_mechanism, self.sasl_username, self.ssl_ca_location,
+                                   "ULENS_KAFKA_SASL_PASSWORD")
 
 
 @dataclass(frozen=True)
@@ -201,6 +241,7 @@ RULES = ("tdcnn", "pspl-fit", "both")
 @dataclass(frozen=True)
 class ConsumerSettings:
     group: str = "ulens-broker"
+    group_prefix_user: bool = False
     batch_size: int = field(default=2000, metadata=rng(1, 1_000_000))
     poll_timeout_s: float = field(default=0.5, metadata=rng(0.0, 60.0))
     rule: str = field(default="tdcnn", metadata=rng(choices=RULES))
@@ -231,6 +272,30 @@ class ConsumerSettings:
 
 
 @dataclass(frozen=True)
+class RekeySource:
+    """The cluster ``ulens rekey`` reads from (Rubin's): its own address and security.
+    ``bootstrap_servers`` null = our own cluster, with the ``kafka`` section's settings."""
+    bootstrap_servers: Optional[str] = None
+    security_protocol: str = field(default="PLAINTEXT", metadata=rng(choices=SECURITY_PROTOCOLS))
+    sasl_mechanism: Optional[str] = field(default=None, metadata=rng(choices=SASL_MECHANISMS))
+    sasl_username: Optional[str] = None
+    ssl_ca_location: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class RekeySettings:
+    """``ulens rekey``: the unkeyed source stream re-produced to ``kafka.topics.alerts``
+    keyed by diaObjectId."""
+    topic: str = "alerts-simulated"
+    group: str = "ulens-rekey"
+    group_prefix_user: bool = False
+    batch_size: int = field(default=2000, metadata=rng(1, 1_000_000))
+    poll_timeout_s: float = field(default=0.5, metadata=rng(0.0, 60.0))
+    retry_for_s: float = field(default=600.0, metadata=rng(0.0, 86_400.0))
+    source: RekeySource = RekeySource()
+
+
+@dataclass(frozen=True)
 class ReplaySettings:
     speed: Union[float, str] = "max"
     rate: Optional[float] = field(default=None, metadata=rng(0.001, None))
@@ -248,8 +313,36 @@ class Settings:
     services: ServicesSettings = ServicesSettings()
     model: ModelSettings = ModelSettings()
     consumer: ConsumerSettings = ConsumerSettings()
+    rekey: RekeySettings = RekeySettings()
     replay: ReplaySettings = ReplaySettings()
     sources: tuple = ()
+
+    def consumer_group(self, group: Optional[str] = None) -> str:
+        """The broker's group id: ``group`` or ``consumer.group``, prefixed with
+        ``kafka.sasl_username`` when ``consumer.group_prefix_user``."""
+        g = group or self.consumer.group
+        return user_prefixed(g, self.kafka.sasl_username) if self.consumer.group_prefix_user else g
+
+    def rekey_source_config(self) -> dict:
+        """librdkafka connection settings of the cluster ``ulens rekey`` reads from; the
+        password of a SASL source: env ULENS_REKEY_SASL_PASSWORD only."""
+        src = self.rekey.source
+        if src.bootstrap_servers is None:
+            return self.kafka.client_config()
+        return kafka_client_config(src.bootstrap_servers, src.security_protocol, src.sasl_mechanism,
+                                   src.sasl_username, src.ssl_ca_location,
+                                   "ULENS_REKEY_SASL_PASSWORD", where="rekey.source")
+
+    def rekey_group(self, group: Optional[str] = None) -> str:
+        """The rekey stage's group id on the source cluster (prefixed with the source's
+        user name when ``rekey.group_prefix_user``)."""
+        g = group or self.rekey.group
+        if not self.rekey.group_prefix_user:
+            return g
+        src = self.rekey.source
+        if src.bootstrap_servers is None:
+            return user_prefixed(g, self.kafka.sasl_username)
+        return user_prefixed(g, src.sasl_username, where="rekey.source")
 
     def replace(self, **sections) -> "Settings":
         """A copy with some sections' fields changed: ``s.replace(consumer={"group": "g"})``."""

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "experiments": ("training.experiments", "cadence / noise / topology series: simulate, train, evaluate"),
     "rubin": ("ulens.rubin", "fetch Rubin's alert schemas and sample packets (lsst-alert-packet's data files)"),
     "replay": ("replay.cli", "stream a dataset or archival light curves as Avro alerts into Kafka, in survey time order"),
+    "rekey": ("broker.cli_rekey", "re-produce an unkeyed alert stream (Rubin's) keyed by diaObjectId, bytes unchanged"),
     "consume": ("broker.cli_consume", "run the broker: alerts -> Redis light curves -> TD-CNN -> triggers"),
     "subscribe": ("broker.cli_subscribe", "print triggers as they arrive (the follow-up observer's view)"),
     "events": ("broker.cli_events", "inspect an event's stored points, probabilities and trigger state"),
