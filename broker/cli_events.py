@@ -32,6 +32,8 @@ def format_event(d: dict) -> str:
         lines.append(f"trigger {t['triggerId']}: point {t['nPoints']} (diaSourceId {t['diaSourceId']}, "
                      f"MJD {t['midpointMjdTai']:.5f}), P {t['probability']:.4f} >= {t['threshold']:.4f}, "
                      f"model {t['modelVersion']}")
+        if t.get("summary"):     # schema v2 (an outbox written before v2 has none)
+            lines.append(f"  {t['summary']}")
     lines.append(f"{'index':>7} {'diaSourceId':>20} {'MJD':>14} {'band':>4} {'mag':>9} {'mag_err':>8} "
                  f"{'P(binary)':>10}")
     for p in d["points"]:

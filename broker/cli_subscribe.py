@@ -7,7 +7,8 @@ import sys
 import time
 import uuid
 
-HELP = "print triggers as they arrive: event, MJD, probability, points seen, latency"
+HELP = ("print triggers as they arrive: event, coordinates, band and magnitude, probability, points "
+        "and bands seen, the PSPL estimate, latency and the summary line (schema v1 or v2)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,9 +24,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def format_trigger(rec: dict) -> str:
+    """Two lines per trigger: the facts, then its summary. A v1 trigger (no coordinates,
+    no estimate, no summary) gets "-" for what it lacks."""
+    g = rec.get
     latency_ms = (rec["triggerProducedUs"] - rec["alertProducedUs"]) / 1000.0
-    return (f"{rec['diaObjectId']}  MJD {rec['midpointMjdTai']:.5f}  P(binary) {rec['probability']:.3f}"
-            f"  points {rec['nPoints']}  latency {latency_ms:.0f} ms  [{rec['rule']} {rec['modelVersion']}]")
+    latency = f"{latency_ms:.0f} ms" if rec["alertProducedUs"] > 0 else "- (decided late)"
+    where = (f"RA {g('ra'):.5f} Dec {g('dec'):+.5f}" if g("ra") is not None and g("dec") is not None
+             else "RA - Dec -")
+    point = (f"{g('band') or '?'} {g('mag'):.2f}+-{g('magErr'):.2f}" if g("mag") is not None
+             and g("magErr") is not None else "band -")
+    stat = "P(binary)" if rec["rule"] == "tdcnn" else "statistic"
+    bands = f" in {g('nBands')} band(s)" if g("nBands") is not None else ""
+    if g("t0") is not None:
+        fit = f"PSPL t0 {g('t0'):.2f} u0 {g('u0'):.3f} tE {g('tE'):.1f} d"
+        if g("peakMag") is not None:
+            fit += f" peak {g('peakMag'):.2f} at MJD {g('peakMjdTai'):.2f}"
+        if g("psplChi2Dof") is not None:
+            fit += f" chi2/dof {g('psplChi2Dof'):.2f}"
+    else:
+        fit = "PSPL -"
+    line = (f"{rec['diaObjectId']}  {where}  MJD {rec['midpointMjdTai']:.5f}  {point}  "
+            f"{stat} {rec['probability']:.3f}  points {rec['nPoints']}{bands}  {fit}  "
+            f"latency {latency}  [{rec['rule']} {rec['modelVersion']}]")
+    summary = g("summary")
+    return line + (f"\n    {summary}" if summary else "")
 
 
 def run(args) -> int:
@@ -59,14 +81,17 @@ def run(args) -> int:
             if msg.error():
                 raise KafkaException(msg.error())
             try:
-                rec = codec.decode_kind(msg.value(), "trigger")
+                sid, rec = codec.decode(msg.value())
+                if codec.kind_of(sid) != "trigger":
+                    raise CodecError(f"schema id {sid} is a {codec.kind_of(sid)}, not a trigger")
             except CodecError as exc:
                 print(f"undecodable message at {msg.topic()}[{msg.partition()}]@{msg.offset()}: {exc}",
                       file=sys.stderr)
                 continue
             seen += 1
-            if args.json:
-                rec = dict(rec, latencyMs=(rec["triggerProducedUs"] - rec["alertProducedUs"]) / 1000.0)
+            if args.json:   # the whole record as decoded (v1 or v2), plus the latency
+                rec = dict(rec, schemaId=sid,
+                           latencyMs=(rec["triggerProducedUs"] - rec["alertProducedUs"]) / 1000.0)
                 print(json.dumps(rec), flush=True)
             else:
                 print(format_trigger(rec), flush=True)

@@ -33,7 +33,8 @@ from broker.retry import kafka_error_is_transient, rebalance_kafka_codes, retryi
 from broker.inference import Job, Scorer
 from broker.metrics import Interval, Metrics
 from broker.rule_psplfit import PsplFitRule, RuleCost, params_from_settings
-from broker.triggers import Rule, decide_many, trigger_at
+from broker.trigger_fields import as_latest
+from broker.triggers import Rule, decide_many, stored_curve, trigger_at
 from broker.validate import (Rejected, append_outcomes, dead_letter, message_headers, mjd_now,
                              validate_batch)
 from broker.schema_registry import codec_for, resolve_ids
@@ -500,7 +501,8 @@ class Broker:
                 if d.fire is not None:
                     g = h.n_scored + d.fire
                     trig = trigger_at(res.object_id, res.window[g - res.start], points, rows, self.rule,
-                                      d.score, g, self.artifact.version)
+                                      d.score, g, self.artifact.version,
+                                      curve=stored_curve(self.store, res))
                 updates.append(st.ScoreUpdate(res.object_id, h.n_scored, p, d.ring, trig))
             codes = self.store.save_scores(updates)
             for u, code in zip(updates, codes):
@@ -539,7 +541,7 @@ class Broker:
                                   on_delivery=cb)
         sent_ids, sent_fit = [], []
         for rec in triggers:
-            rec = dict(rec, triggerProducedUs=int(time.time() * 1e6))
+            rec = dict(as_latest(rec), triggerProducedUs=int(time.time() * 1e6))  # v1 outbox too
             self.producer.produce(topics.triggers, key=str(rec["diaObjectId"]).encode(),
                                   value=self.codec.encode(rec, "trigger"), on_delivery=cb)
             (sent_fit if rec["rule"] == PsplFitRule.name else sent_ids).append(rec["diaObjectId"])

@@ -159,8 +159,10 @@ def score(truth: list[dict], triggers: list[dict]) -> dict:
             hit = sum(1 for o in members if o in first)
             bins.append({"dchi2_lo": lo, "dchi2_hi": None if math.isinf(hi) else hi,
                          "binaries": len(members), "triggered": hit, "recall": _ratio(hit, len(members))})
+        # a trigger decided late (its alert read in an earlier batch: alertProducedUs 0,
+        # schema v1 and v2) has no latency
         lat = np.array([(trg["triggerProducedUs"] - trg["alertProducedUs"]) / 1000.0
-                        for trg in first.values()], dtype=float)
+                        for trg in first.values() if trg["alertProducedUs"] > 0], dtype=float)
         result["rules"][rule] = {
             "triggers": len(seen_ids), "events_triggered": len(first),
             "events_with_multiple_triggers": len(multi), "unmatched_triggers": unmatched,

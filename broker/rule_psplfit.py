@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from broker import state as st
+from broker.trigger_fields import params_from_fit_state
 from broker.triggers import Rule, trigger_at
 from training import psplfit
 
@@ -167,8 +168,10 @@ class PsplFitRule:
         for (res, mine, recs), s_old, s_new, oc, first in zip(items, states, new, outcomes, firsts):
             trig = None
             if oc.fire is not None:
+                # the rule's own fit at the deciding point (the state stops there)
                 trig = trigger_at(res.object_id, recs[oc.fire - first], points, mine, self.rule,
-                                  oc.fire_stat, oc.fire, self.version)
+                                  oc.fire_stat, oc.fire, self.version, curve=(recs, first),
+                                  fit_params=params_from_fit_state(s_new))
             saves.append((res.object_id, int(s_old["n_done"]), s_new, trig))
         codes = self._save(saves)
         again = []                  # outboxes still pending (a save run twice, a race)

@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 
+from broker import trigger_fields as tf
 from training import decision
 
 
@@ -104,28 +105,64 @@ def trigger_id(object_id: int, rule: str, model_version: str) -> str:
 
 
 def trigger_record(object_id: int, source_id: int, rule: Rule, score: float, n_points: int,
-                   mjd: float, alert_produced_us: int, model_version: str) -> dict:
-    """The trigger (schema ``trigger``) without ``triggerProducedUs`` (set at produce)."""
-    return {"triggerId": trigger_id(object_id, rule.name, model_version),
-            "diaObjectId": int(object_id), "diaSourceId": int(source_id), "rule": rule.name,
-            "probability": float(score), "threshold": float(rule.threshold),
-            "nPoints": int(n_points), "midpointMjdTai": float(mjd),
-            "alertProducedUs": int(alert_produced_us), "modelVersion": model_version}
+                   mjd: float, alert_produced_us: int, model_version: str,
+                   extra: Optional[dict] = None) -> dict:
+    """The trigger (schema ``trigger``) without ``triggerProducedUs`` (set at produce).
+    ``extra``: the v2 fields (``broker.trigger_fields.v2_fields``); the summary line is
+    made here from the whole record."""
+    rec = {"triggerId": trigger_id(object_id, rule.name, model_version),
+           "diaObjectId": int(object_id), "diaSourceId": int(source_id), "rule": rule.name,
+           "probability": float(score), "threshold": float(rule.threshold),
+           "nPoints": int(n_points), "midpointMjdTai": float(mjd),
+           "alertProducedUs": int(alert_produced_us), "modelVersion": model_version}
+    return tf.as_latest({**rec, **(extra or {})})
+
+
+def stored_curve(store, res) -> tuple[np.ndarray, int]:
+    """(the event's stored points, global index of the first) for an append result
+    ``res``: its window when that holds every stored point, else read from the store (a
+    trigger is rare: one read per trigger)."""
+    h = res.header
+    if res.start == h.n_dropped and len(res.window) == h.n_total - h.n_dropped:
+        return res.window, res.start
+    view = store.read(res.object_id)
+    if view is None:            # expired meanwhile: the window is what there is
+        return res.window, res.start
+    return view.points, view.first_index
 
 
 def trigger_at(object_id: int, record, points, mine, rule: Rule, score: float, g: int,
-               model_version: str) -> dict:
+               model_version: str, curve: Optional[tuple] = None,
+               fit_params: Optional[tuple] = None) -> dict:
     """The trigger a rule fired at the event's point ``g`` (0-based), whose stored record
     (``broker.state.RECORD``: time, diaSourceId, ...) is ``record``.
 
     Its alertProducedUs is that of the deciding alert when it is in this batch (``points``
     rows ``mine``); a point decided late (scored after a crash or a model switch, its alert
-    in an earlier batch) gets 0."""
+    in an earlier batch) gets 0. Coordinates from the batch's alerts of the event
+    (``Points.ra``/``dec``). ``curve`` = (stored points, global index of the first): the
+    points up to ``g`` give the bands seen and the causal PSPL estimate, fitted here
+    (``trigger_fields.fit_estimate``) unless the rule brings its own (t0, u0, tE) in
+    ``fit_params`` (``trigger_fields.estimate_at``). Without ``curve`` only the deciding
+    point is known: no estimate."""
     src = int(record["id"])
     produced_us = 0
     for i in mine:
         if points.source_id[i] == src:
             produced_us = int(points.produced_us[i])
             break
+    ra, dec = tf.coordinates(points, mine, src)
+    recs, estimate = None, None
+    if curve is not None:
+        stored, first = curve
+        recs = stored[:max(g - int(first) + 1, 0)]
+        if len(recs) == 0 or int(recs[-1]["id"]) != src:
+            recs = None          # not the curve of this point (cannot happen; be safe)
+    if recs is not None:
+        if fit_params is not None:
+            estimate = tf.estimate_at(recs, *fit_params)
+        else:
+            estimate = tf.fit_estimate(recs)
+    extra = tf.v2_fields(ra=ra, dec=dec, record=record, recs=recs, estimate=estimate)
     return trigger_record(object_id, src, rule, score, g + 1, float(record["t"]), produced_us,
-                          model_version)
+                          model_version, extra)

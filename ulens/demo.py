@@ -1,7 +1,17 @@
 """`ulens demo`: the whole product on this machine in a few minutes.
 
-services up -> simulate N events (fixed seed) -> replay them at a survey-like speed
-while the broker consumes them with the shipped model -> decision-time report.
+services up -> simulate N events (fixed seed) -> replay them at a steady rate the
+consumer sustains with headroom while the broker consumes them with the shipped model ->
+decision-time report, then the replay rate, the consumer's busy share and the alert ->
+trigger latency.
+
+The rate: replayed as fast as Kafka takes them, alerts queue in front of the consumer
+and the latency the report gives is that queue's. ``--rate`` (default ``DEFAULT_RATE``
+alerts/s, about half of what the consumer sustains on this stream on a 2-core machine
+shared with the replay, Kafka, Redis and other jobs: docs/BENCHMARKS.md, "Demo") keeps the consumer mostly idle between batches, so the
+latency is the broker's own: the replay producer's linger (``REPLAY_LINGER_MS``),
+Kafka, the consumer's batch (Redis, model, decision, the trigger's PSPL estimate) and
+the trigger's produce. ``--rate max`` replays as fast as possible (a throughput run).
 
 Each demo run gets its own topics, consumer group and Redis key prefix (written to a
 config file in the run folder and passed to every stage with --config), so runs never
@@ -16,10 +26,16 @@ import datetime as dt
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import config as cfg
+
+DEFAULT_EVENTS = 150
+DEFAULT_RATE = 2000.0       # alerts/s; measured in docs/BENCHMARKS.md, "Demo"
+ASSIGN_TIMEOUT_S = 120.0   # waiting for the consumer's partitions before the replay starts
+REPLAY_LINGER_MS = 5        # the replay producer's linger (its default, 25 ms, is for throughput)
 
 HELP = ("Run the whole pipeline on this machine: start Kafka and Redis, simulate events, replay "
         "them as an alert stream while the broker consumes it with the shipped model, then print "
@@ -33,19 +49,64 @@ class DemoError(RuntimeError):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--events", type=int, default=500,
-                   help="number of simulated events, half single-lens and half binary")
+    p.add_argument("--events", type=int, default=DEFAULT_EVENTS,
+                   help=f"number of simulated events, half single-lens and half binary (default "
+                        f"{DEFAULT_EVENTS}: ~1,200 alerts each, ~90-110 s of replay at the default rate; "
+                        f"more for a bigger run)")
     p.add_argument("--binary-params", default="baseline",
                    help="binary parameter set (baseline, distinct, planetary, stellar)")
     p.add_argument("--seed", type=int, default=20261127, help="simulation seed")
-    p.add_argument("--speed", default="2500000",
-                   help="replay speed in survey seconds per wall second (2.5e6 = 1000 survey days in "
-                        "about 35 s), or 'max'")
+    p.add_argument("--rate", type=_rate, default=DEFAULT_RATE,
+                   help=f"replay rate cap in alerts/s, or 'max' (as fast as Kafka takes them: the "
+                        f"latency is then mostly queueing) (default {DEFAULT_RATE:g}, about half of "
+                        f"what the consumer sustains on a loaded 2-core machine: docs/BENCHMARKS.md)")
+    p.add_argument("--speed", default="max",
+                   help="replay speed in survey seconds per wall second, or 'max' (default: only "
+                        "--rate paces the replay)")
     p.add_argument("--model", default=None, help="model artifact directory [config model.path]")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="simulation workers")
     p.add_argument("--output", default="runs", help="folder under which the demo run folder is made")
     p.add_argument("--idle", type=float, default=10.0,
                    help="the consumer stops after this many seconds with nothing to read")
+
+
+def _rate(text: str):
+    if text == "max":
+        return "max"
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number or 'max', got {text!r}") from None
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number or 'max', got {text!r}")
+    return v
+
+
+def _make_alert_topic(run_conf: Path) -> None:
+    """The run's alert topic, made now (the replay would make it too, later) so that the
+    consumer can join and get its partitions before the first alert."""
+    from replay.producer import ensure_topic
+
+    s = cfg.load(str(run_conf))
+    ensure_topic(s.kafka.client_config(), s.kafka.topics.alerts, s.kafka.partitions.alerts)
+
+
+def _watch_assignment(proc) -> tuple[threading.Event, threading.Thread]:
+    """Pass the consumer's log (stderr) through; the event is set at its first partition
+    assignment (its log line "assigned N partition(s) of <topic>"), or when it exits."""
+    ready = threading.Event()
+
+    def tee():
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            if " assigned " in line and " partition(s) of " in line:
+                ready.set()
+        ready.set()
+
+    t = threading.Thread(target=tee, name="consumer-log", daemon=True)
+    t.start()
+    return ready, t
 
 
 def _stage(name: str, argv: list[str]) -> None:
@@ -93,22 +154,63 @@ def run(args: argparse.Namespace) -> int:
         model = ["--model", args.model] if args.model else []
         consume = ["consume", *conf, *model, "--until-idle", str(args.idle)]
         print(f"\n== consume (in the background): ulens {' '.join(consume)}", flush=True)
-        consumer = subprocess.Popen([sys.executable, "-m", "ulens.cli", *consume])
+        summary_file = folder / "consumer_summary.json"   # its stdout: the summary line
+        _make_alert_topic(run_conf)
+        with open(summary_file, "w") as out:
+            consumer = subprocess.Popen([sys.executable, "-m", "ulens.cli", *consume], stdout=out,
+                                        stderr=subprocess.PIPE, text=True, bufsize=1)
+        ready, tee = _watch_assignment(consumer)
         try:
-            _stage("replay", ["replay", *conf, "--data", str(data), "--speed", str(args.speed),
-                              "--truth-out", str(truth)])
+            # alerts replayed before the consumer has its partitions (group join, model
+            # load: seconds) would wait in Kafka and their latency would be that wait
+            if not ready.wait(ASSIGN_TIMEOUT_S) and consumer.poll() is None:
+                print(f"ulens demo: the consumer has no partitions after {ASSIGN_TIMEOUT_S:.0f} s; "
+                      "replaying anyway", file=sys.stderr)
+            rate = [] if args.rate == "max" else ["--rate", f"{args.rate:g}"]
+            _stage("replay", ["replay", *conf, "--data", str(data), "--speed", str(args.speed), *rate,
+                              "-X", f"linger.ms={REPLAY_LINGER_MS}", "--truth-out", str(truth)])
             rc = consumer.wait()
         finally:
             if consumer.poll() is None:
                 consumer.terminate()
                 consumer.wait(30)
+            tee.join(10)
         if rc != 0:
             raise DemoError(f"stage 'consume' failed with exit status {rc}", rc)
         _stage("report", ["report", *conf, "--truth", str(truth), "--plots", str(folder / "plots"),
-                          "--output", str(folder / "report.json")])
+                          "--consumer-summary", str(summary_file), "--output", str(folder / "report.json")])
     except DemoError as exc:
         print(f"\nulens demo: {exc} (run folder {folder})", file=sys.stderr)
         return exc.exit_code
+    print("\n" + final_lines(folder, args.rate))
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s; run folder {folder} "
-          f"(report.json, plots/, truth.jsonl, config.yaml)")
+          f"(report.json, plots/, truth.jsonl, config.yaml, replay.json, consumer_summary.json)")
     return 0
+
+
+def final_lines(folder: Path, rate) -> str:
+    """The demo's closing figures: replay rate, the consumer's busy share while it ran,
+    alert -> trigger latency per rule (from replay.json, consumer_summary.json and
+    report.json in the run folder)."""
+    import json
+
+    rep = json.loads((folder / "replay.json").read_text())
+    report = json.loads((folder / "report.json").read_text())
+    cap = "as fast as possible" if rate == "max" else f"--rate {rate:g}"
+    lines = [f"replay: {rep['counts']['alerts_produced']:,} alerts in {rep['seconds']:.1f} s = "
+             f"{rep['alerts_per_s']:,.0f} alerts/s ({cap})"]
+    summ = None
+    for line in (folder / "consumer_summary.json").read_text().splitlines():
+        if line.startswith("{"):
+            summ = json.loads(line)
+    if summ and rep["seconds"] > 0:
+        lines.append(f"consumer: busy {summ['busy_seconds']:.1f} s of the replay's {rep['seconds']:.1f} s "
+                     f"({100 * summ['busy_seconds'] / rep['seconds']:.0f}%); {summ['triggers']} triggers")
+    for rule, r in report["rules"].items():
+        lat = r["latency_ms"]
+        if lat["n"]:
+            lines.append(f"latency alert produced -> trigger produced ({rule}, {lat['n']} triggers): "
+                         f"p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms")
+        else:
+            lines.append(f"latency ({rule}): no triggers")
+    return "\n".join(lines)

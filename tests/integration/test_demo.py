@@ -16,7 +16,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def demo_run(services, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    proc = subprocess.run([sys.executable, "-m", "ulens.cli", "demo", "--events", "60", "--speed", "max",
+    proc = subprocess.run([sys.executable, "-m", "ulens.cli", "demo", "--events", "40", "--rate", "2000",
                            "--idle", "3", "--workers", "2", "--output", str(out)],
                           capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -29,9 +29,9 @@ def test_report_agrees_with_the_truth(demo_run):
     report = json.loads((folder / "report.json").read_text())
     truth = [json.loads(line) for line in (folder / "truth.jsonl").read_text().splitlines() if line]
     ev = report["events"]
-    assert ev["total"] == len(truth) == 60
+    assert ev["total"] == len(truth) == 40
     assert ev["pspl"] + ev["binary"] + ev["unlabelled"] == ev["total"]
-    assert ev["pspl"] == sum(t["label"] == 0 for t in truth) == 30
+    assert ev["pspl"] == sum(t["label"] == 0 for t in truth) == 20
     r = report["rules"]["tdcnn"]
     assert r["unmatched_triggers"] == 0                      # every trigger joins an event
     assert r["events_with_multiple_triggers"] == 0           # at most one trigger per event
@@ -43,6 +43,30 @@ def test_report_agrees_with_the_truth(demo_run):
     for name in ("decision_time.png", "latency_cdf.png", "recall_vs_dchi2.png"):
         assert (folder / "plots" / name).read_bytes()[:8] == PNG
     assert "purity" in stdout and "completeness" in stdout
+    # the closing figures: the paced replay's rate, the consumer's share, the latency
+    replay = json.loads((folder / "replay.json").read_text())
+    assert replay["options"]["rate"] == 2000 and 0 < replay["alerts_per_s"] <= 2000 * 1.05
+    assert f"= {replay['alerts_per_s']:,.0f} alerts/s (--rate 2000)" in stdout
+    line = next(x for x in stdout.splitlines() if x.startswith("latency alert produced -> trigger produced (tdcnn"))
+    assert f"p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms" in line
+    assert "consumer: busy" in stdout
+
+
+def test_demo_triggers_are_v2_with_coordinates_and_summary(demo_run, services):
+    """What `ulens subscribe` shows a follow-up team after the demo."""
+    folder, _ = demo_run
+    proc = subprocess.run([sys.executable, "-m", "ulens.cli", "subscribe", "--config", str(folder / "config.yaml"),
+                           "--from-beginning", "--until-idle", "3", "--json"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    recs = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    n = json.loads((folder / "report.json").read_text())["rules"]["tdcnn"]["triggers"]
+    assert len(recs) == n > 0
+    for r in recs:
+        assert r["schemaId"] == 4 and r["ra"] is not None and r["dec"] is not None
+        assert r["band"] == "i" and r["mag"] is not None and r["nBands"] == 1     # the thesis survey
+        assert r["summary"].startswith(f"binary candidate {r['diaObjectId']} at RA ")
+    assert sum(r["t0"] is not None for r in recs) >= 0.9 * n                     # fits rarely fail
 
 
 def test_readme_subscriber_example_runs(demo_run, services):

@@ -98,7 +98,8 @@ def test_trigger_at_names_the_deciding_alert_or_the_best_knowledge():
 
     rule = Rule("tdcnn", 0.5, 10, 5)
     pts = SimpleNamespace(time=np.array([1.0, 2.0, 3.0]), source_id=np.array([11, 12, 13]),
-                          produced_us=np.array([100, 200, 300]))
+                          produced_us=np.array([100, 200, 300]), ra=np.array([1.0, 1.0, 1.0]),
+                          dec=np.array([-2.0, -2.0, -2.0]))
     rec = np.zeros(1, dtype=st.RECORD)[0]
     rec["t"], rec["id"] = 3.0, 13
     t = trigger_at(7, rec, pts, [1, 2], rule, 0.9, 14, "v1")

@@ -111,3 +111,14 @@ def test_processing_cost_per_alert_per_rule(tmp_path):
     bad.write_text("no summary here\n")
     with pytest.raises(report.ReportError, match="no consumer summary"):
         report.read_consumer_summaries([bad])
+
+
+def test_v1_and_v2_triggers_score_alike_and_late_decisions_have_no_latency():
+    from broker import trigger_fields as tf
+
+    v1 = [trig(7, 61090.0, lat_us=1000), dict(trig(8, 61110.0), alertProducedUs=0)]  # 8: decided late
+    v2 = [tf.as_latest(t) for t in v1]
+    a, b = (report.score(truth(), x)["rules"]["tdcnn"] for x in (v1, v2))
+    assert {k: v for k, v in a.items() if not k.startswith("_")} == \
+        {k: v for k, v in b.items() if not k.startswith("_")}
+    assert a["true_positives"] == 2 and a["latency_ms"]["n"] == 1 and a["latency_ms"]["max"] == 1.0
