@@ -1,50 +1,34 @@
-"""Rubin's lsst.v11_1 alert schema and sample packet for tests.
-
-TEMPORARY: read from the unpacked lsst-alert-packet wheel in /tmp/lap (its .avsc files
-and sample data only; the package itself is GPLv3 and never imported). Switch this to
-``schemas.rubin`` (the fetched, cached schema files) once that module lands.
-"""
+"""Rubin's lsst.v11_1 alert schema, its parts and sample packet for tests, from the schema
+files ``schemas.rubin`` fetched (``tests.helpers.rubin_schemas``: skip outside CI when they
+are not fetched, fail in CI)."""
 from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
-import pytest
+from schemas import rubin
+from tests.helpers import rubin_schemas
 
-RUBIN_DIR = Path("/tmp/lap/whl/lsst/alert/packet/schema/11/1")
-NAMED = ("diaSource", "diaForcedSource", "diaObject", "ssSource", "ssObject", "mpc_orbits")
+VERSION = (11, 1)
 
 
-def _need():
-    if not (RUBIN_DIR / "lsst.v11_1.alert.avsc").exists():
-        pytest.skip(f"Rubin's 11.1 schema files are not at {RUBIN_DIR} (switch to schemas.rubin)")
+def _dir():
+    return rubin_schemas(VERSION) / "11" / "1"
 
 
 def rubin_schema() -> dict:
     """The alert schema with its named types inlined (as a registry serves it)."""
-    import fastavro
-    from fastavro.schema import expand_schema
-
-    _need()
-    named: dict = {}
-    for n in NAMED:
-        fastavro.parse_schema(json.loads((RUBIN_DIR / f"lsst.v11_1.{n}.avsc").read_text()),
-                              named_schemas=named)
-    parsed = fastavro.parse_schema(json.loads((RUBIN_DIR / "lsst.v11_1.alert.avsc").read_text()),
-                                   named_schemas=named)
-    return json.loads(json.dumps(expand_schema(parsed)))
+    rubin_schemas(VERSION)
+    return rubin.load_schema(*VERSION)
 
 
 def rubin_part(name: str) -> dict:
-    _need()
-    return json.loads((RUBIN_DIR / f"lsst.v11_1.{name}.avsc").read_text())
+    return json.loads((_dir() / f"lsst.v11_1.{name}.avsc").read_text())
 
 
 def rubin_sample() -> dict:
     """Rubin's own 11.1 sample packet (diaSource.diaObjectId is null, diaObject set)."""
-    _need()
-    return json.loads((RUBIN_DIR / "sample_data" / "alert.json").read_text())
+    return json.loads((_dir() / "sample_data" / "alert.json").read_text())
 
 
 def rubin_packet(object_id, source_id: int, mjd: float, *, in_source: bool = False) -> dict:

@@ -104,8 +104,7 @@ def test_schema_references_are_inlined(stub):
     for n, name in enumerate(parts, start=1):
         stub.register(100 + n, rubin_part(name), f"lsst.v11_1.{name}", 1)
         refs.append({"name": f"lsst.v11_1.{name}", "subject": f"lsst.v11_1.{name}", "version": 1})
-    from tests.rubin_schema import RUBIN_DIR
-    main = json.loads((RUBIN_DIR / "lsst.v11_1.alert.avsc").read_text())
+    main = rubin_part("alert")
     stub.register(RUBIN_ID, main, references=refs)
     codec = _codec(stub.url)
     assert codec.decode_kinds(_encode_rubin(rubin_sample()), "rubin")[0] == "rubin"
