@@ -18,7 +18,7 @@ import os
 from typing import Callable, Iterable, Optional
 
 from broker.errors import BrokerError, RegistryUnavailable
-from schemas import HEADER, MAGIC, Codec, default_codec
+from schemas import HEADER, MAGIC, Codec
 
 log = logging.getLogger("broker.schema_registry")
 
@@ -107,14 +107,25 @@ def _inline_references(client, schema, named: dict, ask, seen: set) -> None:
 
 
 def codec_for(settings) -> Codec:
-    """The broker's codec: ``default_codec()``, or one asking ``kafka.schema_registry``
-    for unknown ids when its url is set."""
-    reg = settings.kafka.schema_registry
-    if reg.url is None:
-        return default_codec()
-    from confluent_kafka.schema_registry import SchemaRegistryClient
+    """The broker's codec: our schemas, Rubin's alert schemas when they were fetched
+    (``ulens rubin fetch-schemas``: ids 1101, 1000), and, when ``kafka.schema_registry.url``
+    is set, the registry asked for any other id. Without either, a Rubin packet is an
+    ``unknown_schema_id`` dead letter (said once here, at start-up)."""
+    from schemas import rubin
 
-    return Codec(resolver=registry_resolver(SchemaRegistryClient(client_conf(reg))))
+    reg = settings.kafka.schema_registry
+    resolver = None
+    if reg.url is not None:
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        resolver = registry_resolver(SchemaRegistryClient(client_conf(reg)))
+    codec = Codec(resolver=resolver)
+    added = rubin.add_to(codec)
+    if not added and resolver is None:
+        log.warning("Rubin's alert schemas are not fetched (%s) and no kafka.schema_registry is "
+                    "set: Rubin packets will be dead letters (unknown_schema_id); run `%s`",
+                    rubin.schema_dir(), rubin.FETCH_COMMAND)
+    return codec
 
 
 def resolve_ids(codec: Codec, values: Iterable[Optional[bytes]]) -> None:

@@ -30,9 +30,9 @@ from typing import Optional
 
 import numpy as np
 
+from broker.state.layout import band_name
 from training import pspl
 
-BANDS = "ugrizy"            # band codes (broker.state.BANDS): index in this string
 K_MAG = math.log(10.0) / 2.5
 MIN_FIT_POINTS = 4          # training.pspl.fit_pspl_bands refuses fewer
 
@@ -49,11 +49,6 @@ class PsplEstimate:
     @property
     def peak_mjd(self) -> float:
         return self.t0                # a PSPL peaks at closest approach
-
-
-def band_name(code) -> Optional[str]:
-    code = int(code)
-    return BANDS[code] if 0 <= code < len(BANDS) else None
 
 
 def _curve(recs):

@@ -60,7 +60,7 @@ ALERT_KINDS = ("alert", "rubin")      # the codec kinds the alerts topic carries
 MJD_RANGE = (0.0, 200_000.0)       # MJD; catches JD, Unix seconds, negative times
 MAG_RANGE = (0.0, 40.0)            # AB magnitude from scienceFlux
 MAX_MAG_ERR = 10.0                 # magnitudes
-BANDS = frozenset("ugrizy")
+BANDS = frozenset(st.BANDS)
 
 _CODEC_REASONS = ((TruncatedFrame, "truncated_frame"), (BadMagicByte, "bad_magic_byte"),
                   (UnknownSchemaId, "unknown_schema_id"), (WrongKind, "wrong_kind"),

@@ -65,7 +65,7 @@ def topics(services):
         futs = admin.create_topics([NewTopic(t, num_partitions=partitions, replication_factor=1)
                                     for t in real.values()], operation_timeout=30)
         for f in futs.values():
-            f.result()
+            f.result(timeout=60)
         made.extend(real.values())
         return real
 
@@ -73,7 +73,7 @@ def topics(services):
     if made:
         for f in admin.delete_topics(made, operation_timeout=30).values():
             try:
-                f.result()
+                f.result(timeout=60)
             except Exception:
                 pass
 

@@ -63,6 +63,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed", default="max",
                    help="replay speed in survey seconds per wall second, or 'max' (default: only "
                         "--rate paces the replay)")
+    p.add_argument("--survey", default="thesis", choices=("thesis", "lsst"),
+                   help="survey profile the events are drawn through (training/surveys/); lsst: "
+                        "Rubin's cadence in ugrizy (the shipped model was trained on thesis: on "
+                        "lsst it fires on most events until a model for that survey ships) "
+                        "(default: thesis)")
+    p.add_argument("--format", default="ulens", choices=("ulens", "rubin"), dest="alert_format",
+                   help="alert format the replay sends: ulens (our compact alert, one per point) or "
+                        "rubin (Rubin's lsst.v11_1 packet, one per 5-sigma detection with 365 days "
+                        "of history; needs `ulens rubin fetch-schemas`, which the set-up runs) "
+                        "(default: ulens)")
     p.add_argument("--model", default=None, help="model artifact directory [config model.path]")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="simulation workers")
     p.add_argument("--output", default="runs", help="folder under which the demo run folder is made")
@@ -150,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         n_bin = args.events // 2
         _stage("simulate", ["simulate", *conf, "--n-pspl", str(args.events - n_bin), "--n-binary", str(n_bin),
                             "--binary-params", args.binary_params, "--seed", str(args.seed),
+                            "--survey", args.survey,
                             "--workers", str(args.workers), "--output", str(data)])
         model = ["--model", args.model] if args.model else []
         consume = ["consume", *conf, *model, "--until-idle", str(args.idle)]
@@ -167,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"ulens demo: the consumer has no partitions after {ASSIGN_TIMEOUT_S:.0f} s; "
                       "replaying anyway", file=sys.stderr)
             rate = [] if args.rate == "max" else ["--rate", f"{args.rate:g}"]
-            _stage("replay", ["replay", *conf, "--data", str(data), "--speed", str(args.speed), *rate,
+            _stage("replay", ["replay", *conf, "--data", str(data), "--format", args.alert_format,
+                              "--speed", str(args.speed), *rate,
                               "-X", f"linger.ms={REPLAY_LINGER_MS}", "--truth-out", str(truth)])
             rc = consumer.wait()
         finally:

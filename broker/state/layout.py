@@ -80,7 +80,8 @@ def band_codes(bands) -> np.ndarray:
 
 def band_name(code: int):
     """The band name of a u8 code, None for an unknown band."""
-    return BANDS[code] if code < len(BANDS) else None
+    code = int(code)
+    return BANDS[code] if 0 <= code < len(BANDS) else None
 
 
 def slot_name(slot: int) -> str:

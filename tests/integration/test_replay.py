@@ -99,9 +99,12 @@ def fresh_topic(services):
 
     yield make
     if names:
-        for f in AdminClient(services.kafka.client_config()).delete_topics(names).values():
+        # the client kept in a name (a temporary one may be collected before its futures
+        # resolve: the teardown then waited forever once) and every wait bounded
+        admin = AdminClient(services.kafka.client_config())
+        for f in admin.delete_topics(names, operation_timeout=30).values():
             try:
-                f.result()
+                f.result(timeout=60)
             except Exception:
                 pass
 
