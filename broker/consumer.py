@@ -29,7 +29,8 @@ import numpy as np
 from broker import state as st
 from broker.errors import BrokerError, DeliveryError
 from broker.flood import FloodGuard
-from broker.retry import kafka_error_is_transient, rebalance_kafka_codes, retrying
+from broker.retry import (kafka_error_is_transient, rebalance_kafka_codes, retrying,
+                          without_error_events)
 from broker.inference import Job, Scorer
 from broker.metrics import Interval, Metrics
 from broker.rule_psplfit import PsplFitRule, RuleCost, params_from_settings
@@ -392,7 +393,7 @@ class Broker:
         """One poll batch, as the pipeline it is: validate, append, score and decide, guard
         against a flood of dead letters, deliver, commit, count."""
         t0 = time.perf_counter()
-        msgs = self._without_error_events(msgs)
+        msgs = without_error_events(msgs, self.topic, log)
         if not msgs:
             return
         c = self.settings.consumer
@@ -423,24 +424,6 @@ class Broker:
         self.flood.add(len(msgs), reasons)
         self._account(msgs, points, n, reasons, len(triggers), time.perf_counter() - t0,
                       batch.history_skipped)
-
-    def _without_error_events(self, msgs: list) -> list:
-        """The batch's messages; librdkafka's error events are logged (transient: it
-        reconnects by itself; a missing topic: waited for) or raised (anything else)."""
-        from confluent_kafka import KafkaError, KafkaException
-
-        for m in msgs:
-            err = m.error()
-            if err is None or err.code() == KafkaError._PARTITION_EOF:
-                continue
-            if err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
-                log.warning("topic %r: %s (waiting for it to come back)", self.topic, err.str())
-                continue
-            if not kafka_error_is_transient(err):
-                raise KafkaException(err)
-            # an event, not a message: librdkafka reconnects by itself (a broker restarting)
-            log.warning("kafka: %s (the client reconnects by itself)", err.str())
-        return [m for m in msgs if m.error() is None]
 
     def _append(self, points, kept, dead: list, n: "BatchCounts") -> list[tuple]:
         """Append every point (one Redis round trip); [(AppendResult, the event's rows in

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from broker.errors import BrokerError, DeliveryError
-from broker.retry import kafka_error_is_transient, rebalance_kafka_codes, retrying
+from broker.retry import (kafka_error_is_transient, rebalance_kafka_codes, retrying,
+                          without_error_events)
 from broker.schema_registry import codec_for, resolve_ids
 from broker.validate import Rejected, codec_reason, dead_letter, message_headers
 from schemas import CodecError
@@ -173,7 +174,7 @@ class Rekeyer:
                 msgs = [] if first is None else [first]
                 if msgs and want > 1:
                     msgs += self.consumer.consume(num_messages=want - 1, timeout=0)
-                msgs = self._without_error_events(msgs)
+                msgs = without_error_events(msgs, self.source_topic, log)
                 if msgs:
                     self._retrying("rekey batch", lambda: self.process(msgs))
                     idle_from = time.monotonic()
@@ -272,21 +273,6 @@ class Rekeyer:
             if kafka_error_is_transient(tp.error):
                 raise KafkaException(tp.error)
             raise BrokerError(f"offset commit failed for {tp.topic}[{tp.partition}]: {tp.error}")
-
-    def _without_error_events(self, msgs: list) -> list:
-        from confluent_kafka import KafkaError, KafkaException
-
-        for m in msgs:
-            err = m.error()
-            if err is None or err.code() == KafkaError._PARTITION_EOF:
-                continue
-            if err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
-                log.warning("source topic %r: %s (waiting for it)", self.source_topic, err.str())
-                continue
-            if not kafka_error_is_transient(err):
-                raise KafkaException(err)
-            log.warning("kafka: %s (the client reconnects by itself)", err.str())
-        return [m for m in msgs if m.error() is None]
 
     def _retrying(self, what: str, fn):
         """``fn()`` through transient faults; the assigned partitions are paused while

@@ -32,7 +32,7 @@ import zlib
 
 import numpy as np
 
-from training.features import N_SLOTS, SLOT_UNKNOWN, band_slots  # noqa: F401 (one mapping)
+from training.features import N_SLOTS, SLOT_UNKNOWN, band_slots  # noqa: F401 (one mapping, re-exported)
 
 VERSION = 3
 HEADER_FIXED = struct.Struct("<BBBBIIIqqdI")      # 44 bytes

@@ -45,13 +45,9 @@ import numpy as np
 
 from broker.errors import BrokerError
 from broker.state.keys import event_key, event_pattern, trigger_key
-from broker.state.layout import (APPENDED, BAND_UNKNOWN, BANDS, BANDS_BLOCK, CHANGED, CONFLICT,  # noqa: F401
-                                 DUPLICATE, DUPLICATE_UNVERIFIED, EXACT_LIMIT, FLAG_TRIGGERED,
-                                 HEADER_FIXED, HISTORY, INPUT, KIND_HISTORY, KIND_LIVE, N_SLOTS,
-                                 OUT_OF_ORDER, PREFIX, PROB_SCALE, PROB_UNSCORED, RECORD,
-                                 SCORE_PREFIX, TRIG_ALREADY, TRIG_CONFLICT, TRIG_DONE, TRIG_GONE,
-                                 TRIG_NEW, TRIG_NONE, TRIG_PENDING, VERSION, band_codes, band_name,
-                                 band_slots, header_size, lua_prelude, model_tag, slot_name)
+from broker.state.layout import (BAND_UNKNOWN, BANDS_BLOCK, EXACT_LIMIT, FLAG_TRIGGERED, HEADER_FIXED, INPUT, KIND_LIVE,
+                                 N_SLOTS, PREFIX, PROB_SCALE, PROB_UNSCORED, RECORD, SCORE_PREFIX, VERSION, band_name,
+                                 header_size, lua_prelude, slot_name)
 
 
 def lua_script(name: str) -> str:

@@ -129,9 +129,17 @@ def test_basic_auth_password_from_the_environment_only(monkeypatch):
 def test_codec_for_settings(tmp_path, monkeypatch):
     import config as cfg
     from broker.schema_registry import codec_for
-    from schemas import default_codec
+    from schemas import default_codec, rubin
 
-    assert codec_for(cfg.load(env={})) is default_codec()
+    # no registry: our schemas and Rubin's fetched ones (1101, 1000), nothing asked for more
+    monkeypatch.setenv("ULENS_RUBIN_SCHEMAS", str(tmp_path / "none"))
+    (tmp_path / "none").mkdir()
+    plain = codec_for(cfg.load(env={}))
+    assert plain is not default_codec() and plain._resolver is None
+    assert plain.known(1) and not plain.known(rubin.schema_id(11, 1))
+    monkeypatch.delenv("ULENS_RUBIN_SCHEMAS")
+    if rubin.available():
+        assert codec_for(cfg.load(env={})).kind_of(rubin.schema_id(11, 1)) == "rubin"
     conf = tmp_path / "c.yaml"
     conf.write_text("kafka:\n  schema_registry:\n    url: http://127.0.0.1:1\n")
     codec = codec_for(cfg.load(conf, env={}))
