@@ -40,7 +40,8 @@ class ReplayUsageError(ValueError):
     """A command-line value is invalid."""
 
 
-def _speed(text: str):
+def positive_or_max(text: str):
+    """argparse type: a positive finite number, or the word ``max``."""
     if text == "max":
         return "max"
     try:
@@ -103,7 +104,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--format rubin: Rubin's schema version, 11.1 or 10.0 (default: 11.1)")
     p.add_argument("--no-key", action="store_true",
                    help="produce messages without a key, as Rubin's stream does (default: key = diaObjectId)")
-    p.add_argument("--speed", type=_speed, default=None,
+    p.add_argument("--speed", type=positive_or_max, default=None,
                    help="survey seconds per wall second (86400 = one survey day per second) or 'max' "
                         "[config replay.speed]")
     p.add_argument("--rate", type=_positive(float), default=None,

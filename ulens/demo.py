@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import config as cfg
+from replay.cli import positive_or_max
 
 DEFAULT_EVENTS = 150
 DEFAULT_RATE = 2000.0       # alerts/s; measured in docs/BENCHMARKS.md, "Demo"
@@ -56,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--binary-params", default="baseline",
                    help="binary parameter set (baseline, distinct, planetary, stellar)")
     p.add_argument("--seed", type=int, default=20261127, help="simulation seed")
-    p.add_argument("--rate", type=_rate, default=DEFAULT_RATE,
+    p.add_argument("--rate", type=positive_or_max, default=DEFAULT_RATE,
                    help=f"replay rate cap in alerts/s, or 'max' (as fast as Kafka takes them: the "
                         f"latency is then mostly queueing) (default {DEFAULT_RATE:g}, about half of "
                         f"what the consumer sustains on a loaded 2-core machine: docs/BENCHMARKS.md)")
@@ -78,18 +79,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="runs", help="folder under which the demo run folder is made")
     p.add_argument("--idle", type=float, default=10.0,
                    help="the consumer stops after this many seconds with nothing to read")
-
-
-def _rate(text: str):
-    if text == "max":
-        return "max"
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number or 'max', got {text!r}") from None
-    if not (v > 0 and v < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a positive number or 'max', got {text!r}")
-    return v
 
 
 def _make_alert_topic(run_conf: Path) -> None:
