@@ -435,16 +435,18 @@ class Broker:
                                 None if points.kind is None else points.kind[order])
         results = self.store.append(uniq.tolist(), counts.tolist(), packed)
         touched = []
+        history = None if points.kind is None else points.kind == st.KIND_HISTORY
+        if history is not None and not history.any():
+            history = None
         for e, res in enumerate(results):
             rows = order[starts[e]:starts[e] + counts[e]]
             app, dup, bad, known = append_outcomes(res.statuses, rows, points, kept)
             n.points += app
             n.duplicates += dup
             n.history_known += known
-            if points.kind is not None and app:
+            if history is not None and app:
                 n.backfilled += int(np.count_nonzero(
-                    (points.kind[rows] == st.KIND_HISTORY) &
-                    (np.frombuffer(res.statuses, np.uint8) == st.APPENDED[0])))
+                    history[rows] & (np.frombuffer(res.statuses, np.uint8) == st.APPENDED[0])))
             dead += bad
             n.dropped += res.dropped_now
             if res.rescored:

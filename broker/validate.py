@@ -108,10 +108,15 @@ def decode(codec, value: Optional[bytes]) -> dict | Rejected:
     """The alert (compact form, :func:`rubin_alert` for a Rubin packet, its history under
     ``prvDiaSources``), or why it cannot be decoded."""
     try:
-        kind, record = codec.decode_kinds(value, ALERT_KINDS)
+        sid, record = codec.decode(value)
     except CodecError as exc:
         return Rejected(codec_reason(exc), str(exc))
-    return rubin_alert(record) if kind == "rubin" else record
+    kind = codec.kind_of(sid)
+    if kind == "alert":
+        return record
+    if kind == "rubin":
+        return rubin_alert(record)
+    return Rejected("wrong_kind", f"schema id {sid} is a {kind}, expected {' or '.join(ALERT_KINDS)}")
 
 
 HISTORY_SKIPS = ("no_flux", "nonpositive_flux", "not_before_the_alert", "bad_value")
@@ -318,6 +323,15 @@ def validate_batch(codec, values: list, keys: list, max_mjd: Optional[float] = N
     live = Points(col("diaObjectId", np.int64), col("diaSourceId", np.int64),
                   col("midpointMjdTai", np.float64), mag, err, produced,
                   st.band_codes(r["band"] for r in recs), col("ra", np.float64), col("dec", np.float64))
+    good = np.array([c is None for c in checks], dtype=bool)
+    if not any(r.get("prvDiaSources") for r in recs):
+        # no alert carries history (the usual compact stream): the alerts' own points
+        for j in np.flatnonzero(~good):
+            rejected[idx[j]] = checks[j]
+        ok = np.flatnonzero(good)
+        pts = Points(live.object_id[ok], live.source_id[ok], live.time[ok], live.mag[ok], live.mag_err[ok],
+                     live.produced_us[ok], live.band[ok], live.ra[ok], live.dec[ok], None)
+        return Batch(pts, [idx[j] for j in ok], rejected, skipped)
     # each good alert: its history points (oldest first), then its own point
     rows_of: list[np.ndarray] = []
     hist_cols: list[list] = [[], [], [], [], []]       # id, time, band, flux, error

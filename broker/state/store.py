@@ -91,12 +91,13 @@ def parse_header(buf: bytes, offset: int = 0) -> Header:
         raise BrokerError(f"event state version {ver}, this code reads version {VERSION}")
     (_, m, flags, _, ntot, nsc, ndrop, last_id, max_id, last_t,
      tag) = HEADER_FIXED.unpack_from(buf, offset)
-    bands = BANDS_BLOCK.unpack_from(buf, offset + HEADER_FIXED.size)
-    start = offset + HEADER_FIXED.size + BANDS_BLOCK.size
+    b0 = offset + HEADER_FIXED.size
+    start = b0 + BANDS_BLOCK.size
     return Header(VERSION, m, flags, ntot, nsc, ndrop, last_id, max_id,
                   last_t if last_t == last_t else None, tag,
-                  np.array(bands[:N_SLOTS], dtype=np.float64),
-                  np.array(bands[N_SLOTS:], dtype=np.int64), bytes(buf[start:start + 4 * m]))
+                  np.frombuffer(buf, dtype="<f8", count=N_SLOTS, offset=b0),
+                  np.frombuffer(buf, dtype="<u2", count=N_SLOTS, offset=b0 + 8 * N_SLOTS),
+                  bytes(buf[start:start + 4 * m]))
 
 
 def pack_points(ids, times, mags, errs, bands=None, kinds=None) -> bytes:

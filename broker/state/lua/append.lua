@@ -49,29 +49,21 @@ local function slot(code)
   return NSLOT
 end
 
+-- the header as a table; h.b holds the band block's values: b[s] the reference of slot s
+-- (NaN: none yet), b[NSLOT + s] its count of points
 local function read_header(v)
   local h = {}
   local rsv
   h.ver, h.m, h.flags, rsv, h.ntot, h.nsc, h.ndrop, h.lastid, h.maxid, h.lastt, h.tag =
     struct.unpack(HFMT, v)
-  local b = {struct.unpack(BFMT, v, HFIX + 1)}
-  h.refs, h.counts = {}, {}
-  for s = 1, NSLOT do
-    h.refs[s] = b[s]
-    h.counts[s] = b[NSLOT + s]
-  end
+  h.b = {struct.unpack(BFMT, v, HFIX + 1)}
   if h.lastt ~= h.lastt then h.lastt = nil end
   return h
 end
 
 local function pack_header(h)
-  local a = {}
-  for s = 1, NSLOT do
-    a[s] = h.refs[s]
-    a[NSLOT + s] = h.counts[s]
-  end
   return struct.pack(HFMT, VERSION, h.m, h.flags, 0, h.ntot, h.nsc, h.ndrop, h.lastid, h.maxid,
-    h.lastt or 0 / 0, h.tag) .. struct.pack(BFMT, unpack(a))
+    h.lastt or 0 / 0, h.tag) .. struct.pack(BFMT, unpack(h.b, 1, 2 * NSLOT))
 end
 
 local function median(vals)
@@ -92,10 +84,10 @@ for i = 1, n do
   local switched = 0
   if #v == 0 then
     h = {m = M, flags = 0, ntot = 0, nsc = 0, ndrop = 0, lastid = ZERO8, maxid = ZERO8,
-         lastt = nil, tag = TAG, refs = {}, counts = {}}
+         lastt = nil, tag = TAG, b = {}}
     for s = 1, NSLOT do
-      h.refs[s] = 0 / 0
-      h.counts[s] = 0
+      h.b[s] = 0 / 0
+      h.b[NSLOT + s] = 0
     end
     ring = string.rep('\0', 4 * M)
     -- an event forgotten (TTL) and seen again: its trigger outlives it, never a second one
@@ -120,7 +112,7 @@ for i = 1, n do
       -- the first stored point of a trimmed event only gives prev_time: scored from the next
       h.nsc = h.ndrop
       if h.ndrop == 0 then
-        for s = 1, NSLOT do h.refs[s] = 0 / 0 end   -- references taken again (K may differ)
+        for s = 1, NSLOT do h.b[s] = 0 / 0 end   -- references taken again (K may differ)
       else
         h.nsc = h.ndrop + 1
       end
@@ -137,6 +129,7 @@ for i = 1, n do
   end
   local nst = h.ntot - h.ndrop
   local first = h.ndrop
+  local hb = h.b
   local lastt = h.lastt
   if nst == 0 then lastt = nil end
   local function time_at(q)  -- time of stored record q (0-based)
@@ -210,8 +203,8 @@ for i = 1, n do
         lastt = t
         h.lastid = id8
         if not id_le(id8, h.maxid) then h.maxid = id8 end
-        local s = slot(string.byte(inrec, BAND_OFF + 1))
-        if h.counts[s] < COUNT_MAX then h.counts[s] = h.counts[s] + 1 end
+        local c = NSLOT + slot(string.byte(inrec, BAND_OFF + 1))
+        if hb[c] < COUNT_MAX then hb[c] = hb[c] + 1 end
         st[j] = ST_APPENDED
       elseif first > 0 and t < time_at(0) then
         st[j] = ST_UNVERIFIED                 -- older than every stored point: maybe a dropped one
@@ -223,11 +216,12 @@ for i = 1, n do
   end
   local added = #newrecs
   local dropnow = 0
+  local header = nil   -- the header after this call, once packed
   local after = nil   -- the new value when it was built here (small values)
   -- per band reference: the median magnitude of the band's first K points (of those
   -- stored, when older points were dropped before the band had K)
   for s = 1, NSLOT do
-    if h.refs[s] ~= h.refs[s] and h.counts[s] >= K then
+    if hb[s] ~= hb[s] and hb[NSLOT + s] >= K then
       local mags = {}
       local f = nil
       if nst > 0 then f = whole_value() end
@@ -245,7 +239,7 @@ for i = 1, n do
         end
       end
       if #mags > 0 then
-        h.refs[s] = median(mags)
+        hb[s] = median(mags)
         dirty = true
       end
     end
@@ -267,7 +261,7 @@ for i = 1, n do
     end
     h.ntot = ntot2
     h.ndrop = h.ndrop + drop
-    local header = pack_header(h) .. ring
+    header = pack_header(h) .. ring
     local tail = table.concat(newrecs)
     if small or drop > 0 or #v == 0 or switched == 1 then
       -- rewrite at the exact size (APPEND would over-allocate up to 2x)
@@ -285,7 +279,7 @@ for i = 1, n do
     dropnow = drop
     nst = nst + added - drop
   end
-  local hdr = pack_header(h) .. ring
+  local hdr = header or (pack_header(h) .. ring)
   local trg = '\0'
   if bit.band(h.flags, FLAG_TRIGGERED) == FLAG_TRIGGERED then
     local s = redis.call('GETRANGE', tkey, 0, 0)
@@ -312,7 +306,8 @@ for i = 1, n do
       local rows = h.ntot - s0 - 1
       local sure = true
       for s = 1, NSLOT do
-        if h.counts[s] > 0 and (h.refs[s] ~= h.refs[s] or h.counts[s] - rows < K - 1) then
+        local c = hb[NSLOT + s]
+        if c > 0 and (hb[s] ~= hb[s] or c - rows < K - 1) then
           sure = false
           break
         end
@@ -325,7 +320,7 @@ for i = 1, n do
           inrow[s] = inrow[s] + 1
         end
         for s = 1, NSLOT do
-          if inrow[s] > 0 and (h.refs[s] ~= h.refs[s] or h.counts[s] - inrow[s] < K - 1) then
+          if inrow[s] > 0 and (hb[s] ~= hb[s] or hb[NSLOT + s] - inrow[s] < K - 1) then
             s0 = first
             win = window_from(s0)
             break
