@@ -35,6 +35,9 @@ from replay.cli import positive_or_max
 
 DEFAULT_EVENTS = 150
 DEFAULT_RATE = 2000.0       # alerts/s; measured in docs/BENCHMARKS.md, "Demo"
+# Rubin packets: ~280 packets/s sustained here (an lsst.v11_1 packet with a year of history
+# is ~8 KB; its Avro decode, ~2 ms, is most of the cost): docs/BENCHMARKS.md, "Demo"
+DEFAULT_RATE_RUBIN = 100.0
 ASSIGN_TIMEOUT_S = 120.0   # waiting for the consumer's partitions before the replay starts
 REPLAY_LINGER_MS = 5        # the replay producer's linger (its default, 25 ms, is for throughput)
 
@@ -57,10 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--binary-params", default="baseline",
                    help="binary parameter set (baseline, distinct, planetary, stellar)")
     p.add_argument("--seed", type=int, default=20261127, help="simulation seed")
-    p.add_argument("--rate", type=positive_or_max, default=DEFAULT_RATE,
+    p.add_argument("--rate", type=positive_or_max, default=None,
                    help=f"replay rate cap in alerts/s, or 'max' (as fast as Kafka takes them: the "
-                        f"latency is then mostly queueing) (default {DEFAULT_RATE:g}, about half of "
-                        f"what the consumer sustains on a loaded 2-core machine: docs/BENCHMARKS.md)")
+                        f"latency is then mostly queueing) (default {DEFAULT_RATE:g} compact alerts/s, "
+                        f"{DEFAULT_RATE_RUBIN:g} Rubin packets/s: well below what the consumer "
+                        f"sustains on a loaded 2-core machine, docs/BENCHMARKS.md)")
     p.add_argument("--speed", default="max",
                    help="replay speed in survey seconds per wall second, or 'max' (default: only "
                         "--rate paces the replay)")
@@ -120,6 +124,8 @@ def _stage(name: str, argv: list[str]) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.events < 2:
         raise DemoError("--events must be at least 2")
+    if args.rate is None:
+        args.rate = DEFAULT_RATE_RUBIN if args.alert_format == "rubin" else DEFAULT_RATE
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     folder = Path(args.output) / f"demo_{stamp}"
     folder.mkdir(parents=True, exist_ok=True)
