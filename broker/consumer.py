@@ -196,26 +196,63 @@ class Broker:
         self.producer = Producer(pconf)
         self.consumer = Consumer(consumer_config(settings, self.group))
         self._assigned_at: Optional[float] = None
+        # when the group took this member's partitions with no assignment since (the
+        # rejoin watchdog, consumer.rejoin_after_s); None while an assignment holds
+        self._revoked_at: Optional[float] = None
+        self.rejoins = 0
         self._subscribed = False
         self._interval = Interval()
         self._closed = False
 
     # --- lifecycle -------------------------------------------------------------------
     def _on_assign(self, consumer, partitions) -> None:
+        if consumer is not self.consumer:
+            return                       # a replaced client closing (_rejoin_if_stuck)
         if self._ever_paused:
             self._paused = True          # a partition paused before may come back paused
         self.partitions = sorted(p.partition for p in partitions)
         log.info("assigned %d partition(s) of %s: %s", len(partitions), self.topic, self.partitions)
         self._assigned_at = time.monotonic()
+        self._revoked_at = None          # any assignment, even an empty one: the group works
         self.assigned.set()
 
     def _on_revoke(self, consumer, partitions) -> None:
         # every batch is committed before the next poll, except one waiting out a fault
         # (polled by _wait_polling): its commit is then refused and the next owner re-reads it
+        if consumer is not self.consumer:
+            return                       # a replaced client closing (_rejoin_if_stuck)
         gone = {p.partition for p in partitions}
         self.partitions = [p for p in self.partitions if p not in gone]
         if not self.partitions:      # (a session lost in an outage, say) idle time waits for
             self.assigned.clear()    # the next assignment
+            self._revoked_at = time.monotonic()
+
+    def _rejoin_if_stuck(self) -> None:
+        """Join again with a new client when the group took this member's partitions and no
+        assignment (not even an empty one) came for ``consumer.rejoin_after_s``: after a
+        Kafka restart librdkafka's group coordinator handle can stay stuck (requests queued,
+        never sent: "GroupCoordinator: Timed out 0 in-flight, 0 retry-queued, 1 out-queue"),
+        and the member would wait forever. Every batch is committed before the next poll, so
+        the new client resumes at the committed offsets: nothing is lost or read twice
+        beyond at-least-once."""
+        from confluent_kafka import Consumer
+
+        since = self._revoked_at
+        if since is None or time.monotonic() - since < self.settings.consumer.rejoin_after:
+            return
+        log.warning("no assignment for %.0f s since the group took this member's partitions "
+                    "(librdkafka's coordinator stuck after a Kafka restart?): joining again with "
+                    "a new client", time.monotonic() - since)
+        old = self.consumer
+        # close the stuck client aside: its close may wait on the coordinator it cannot reach
+        threading.Thread(target=_close_quietly, args=(old,), name="consumer-close", daemon=True).start()
+        self.consumer = Consumer(consumer_config(self.settings, self.group))
+        self._subscribed = False
+        self._paused = False
+        self.partitions = []
+        self._revoked_at = time.monotonic()   # the next watch starts now
+        self.rejoins += 1
+        self.subscribe(None)
 
     def stop(self, *_args) -> None:
         """Ask the loop to finish the current batch, commit and close."""
@@ -248,6 +285,7 @@ class Broker:
             while not self._stop.is_set():
                 if self._paused:             # a rebalance after a wait: nothing stays paused
                     self._resume()
+                self._rejoin_if_stuck()
                 want = c.batch_size
                 if max_alerts is not None:
                     want = min(want, max_alerts - self.summary.alerts)
@@ -662,6 +700,13 @@ class Broker:
         self.metrics.latency_p99.set(p99 / 1e3)
         log.info("%s", iv.line(lag, now))
         self._interval = Interval(started=now)
+
+
+def _close_quietly(consumer) -> None:
+    try:
+        consumer.close()
+    except Exception as exc:  # a stuck client's close may fail: it is replaced already
+        log.info("closing the replaced Kafka client: %s", exc)
 
 
 def load_model(settings, path=None, device: Optional[str] = None):

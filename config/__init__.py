@@ -254,6 +254,7 @@ class ConsumerSettings:
     metrics_host: str = "127.0.0.1"
     session_timeout_s: float = field(default=45.0, metadata=rng(1.0, 3600.0))
     max_poll_interval_s: float = field(default=300.0, metadata=rng(1.0, 86_400.0))
+    rejoin_after_s: Optional[float] = field(default=None, metadata=rng(1.0, 86_400.0))
     retry_for_s: float = field(default=600.0, metadata=rng(0.0, 86_400.0))
     future_margin_s: Optional[float] = field(default=3600.0, metadata=rng(0.0, None))
     flood_window: int = field(default=1000, metadata=rng(0, 10_000_000))
@@ -264,6 +265,18 @@ class ConsumerSettings:
         if self.max_poll_interval_s < self.session_timeout_s:
             raise ConfigError(f"consumer.max_poll_interval_s = {self.max_poll_interval_s:g} must be >= "
                               f"session_timeout_s = {self.session_timeout_s:g} (librdkafka refuses less)")
+        if self.rejoin_after_s is not None and self.rejoin_after_s < self.session_timeout_s:
+            raise ConfigError(f"consumer.rejoin_after_s = {self.rejoin_after_s:g} must be >= "
+                              f"session_timeout_s = {self.session_timeout_s:g} (a rebalance takes that long)")
+
+    @property
+    def rejoin_after(self) -> float:
+        """Seconds without any assignment after the group took this member's partitions
+        before the consumer joins again with a new client (``rejoin_after_s``; default
+        max_poll_interval_s + session_timeout_s, the longest a rebalance may legitimately
+        take: every member has max.poll.interval to rejoin)."""
+        return self.rejoin_after_s if self.rejoin_after_s is not None else \
+            self.max_poll_interval_s + self.session_timeout_s
 
     @property
     def rules(self) -> tuple[str, ...]:

@@ -416,3 +416,51 @@ def test_a_full_or_snapshot_failing_redis_is_waited_out_with_an_alarm(services, 
     assert not th.is_alive() and out["s"].points == len(alerts)
     n_stored = sum(int(st.parse_header(client.get(f"{key_prefix}:ev:{e['oid']}")).n_total) for e in events)
     assert n_stored == len(alerts)
+
+
+# --- a member the group left without any assignment joins again -----------------------------
+def test_a_member_left_without_an_assignment_joins_again_with_a_new_client(services, topics, redis_client,
+                                                                           key_prefix, model, caplog):
+    """After a Kafka restart librdkafka's coordinator can stay stuck: the group took the
+    member's partitions and no assignment ever comes back. Here the revocation is played to
+    the broker (its rebalance callback) while librdkafka itself is fine, so no assignment
+    follows either: after consumer.rejoin_after_s the broker joins again with a new client,
+    gets the partitions back and reads on from the committed offsets: every point of both
+    halves of the stream stored once, nothing dead-lettered."""
+    art = model["artifact"]
+    names = topics("alerts", "triggers", "dlq", partitions=2)
+    settings = settings_for(services, key_prefix, names, model["threshold"], session_timeout_s=6.0,
+                            rejoin_after_s=6.0)
+    events = model["events"][:6]
+    alerts = alerts_of(events)
+    half = len(alerts) // 2
+    produce(settings, names["alerts"], alerts[:half])
+    b = Broker(settings, art, group=unique("g"))
+    played = []
+    process = b.process
+
+    def process_then_lose_the_partitions(msgs):
+        process(msgs)
+        if not played:
+            played.append(list(b.partitions))
+            b._on_revoke(b.consumer, [TopicPartition(names["alerts"], p) for p in b.partitions])
+
+    b.process = process_then_lose_the_partitions
+    out = {}
+    t = threading.Thread(target=lambda: out.update(s=b.run(until_idle=8.0)), daemon=True)
+    with caplog.at_level("WARNING", logger="broker"):
+        t.start()
+        deadline = time.monotonic() + 90
+        while not (b.rejoins and b.assigned.is_set()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert b.rejoins == 1 and b.assigned.is_set(), "no rejoin with a new client"
+        produce(settings, names["alerts"], alerts[half:])
+        t.join(120)
+    assert not t.is_alive()
+    s = out["s"]
+    assert played and played[0]                   # it held partitions when they were taken
+    assert any("joining again with a new client" in r.getMessage() for r in caplog.records)
+    assert sum(s.dead_letters.values()) == 0 and s.points == len(alerts)
+    for ev in events:
+        view = st.read_event(redis_client, key_prefix, ev["oid"])
+        assert view.header.n_total == len(ev["t"]) and view.header.n_scored == len(ev["t"])
