@@ -29,8 +29,8 @@ import numpy as np
 from broker import state as st
 from broker.errors import BrokerError, DeliveryError
 from broker.flood import FloodGuard
-from broker.retry import (kafka_error_is_transient, rebalance_kafka_codes, retrying,
-                          without_error_events)
+from broker.kafka_io import commit_offsets, poll_batch, without_error_events
+from broker.retry import kafka_error_is_transient, retrying
 from broker.inference import Job, Scorer
 from broker.metrics import Interval, Metrics
 from broker.rule_psplfit import PsplFitRule, RuleCost, params_from_settings
@@ -291,13 +291,7 @@ class Broker:
                     want = min(want, max_alerts - self.summary.alerts)
                     if want <= 0:
                         break
-                # Wait only for the first message, then take what has already arrived:
-                # consume(n, timeout) would hold a half-full batch for the whole timeout
-                # and add that wait to every alert's latency.
-                first = self.consumer.poll(c.poll_timeout_s)
-                msgs = [] if first is None else [first]
-                if msgs and want > 1:
-                    msgs += self.consumer.consume(num_messages=want - 1, timeout=0)
+                msgs = poll_batch(self.consumer, want, c.poll_timeout_s)
                 now = time.monotonic()
                 if msgs:
                     self._headers.clear()
@@ -626,31 +620,9 @@ class Broker:
         """Commit the batch's offsets. Transient errors raise (``_retrying`` runs it again);
         after a rebalance took the partitions away the batch stays uncommitted: their next
         owner re-reads it from the last commit and the idempotent state absorbs it."""
-        from confluent_kafka import KafkaException, TopicPartition
-
-        last: dict[tuple[str, int], int] = {}
-        for m in msgs:
-            k = (m.topic(), m.partition())
-            if m.offset() >= last.get(k, -1):
-                last[k] = m.offset()
-        try:
-            done = self.consumer.commit(
-                offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()],
-                asynchronous=False)
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            if err is not None and err.code() in rebalance_kafka_codes():
-                self._left_uncommitted(err)
-                return
-            raise
-        failed = [tp for tp in done or [] if tp.error is not None]
-        if failed and all(tp.error.code() in rebalance_kafka_codes() for tp in failed):
-            self._left_uncommitted(failed[0].error)
-        elif failed:
-            tp = next(tp for tp in failed if tp.error.code() not in rebalance_kafka_codes())
-            if kafka_error_is_transient(tp.error):
-                raise KafkaException(tp.error)
-            raise BrokerError(f"offset commit failed for {tp.topic}[{tp.partition}]: {tp.error}")
+        err = commit_offsets(self.consumer, msgs)
+        if err is not None:
+            self._left_uncommitted(err)
 
     def _left_uncommitted(self, err) -> None:
         self.summary.uncommitted += 1

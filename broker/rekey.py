@@ -39,9 +39,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from broker.errors import BrokerError, DeliveryError
-from broker.retry import (kafka_error_is_transient, rebalance_kafka_codes, retrying,
-                          without_error_events)
+from broker.errors import DeliveryError
+from broker.kafka_io import commit_offsets, poll_batch, without_error_events
+from broker.retry import kafka_error_is_transient, retrying
 from broker.schema_registry import codec_for, resolve_ids
 from broker.validate import Rejected, codec_reason, dead_letter, message_headers
 from schemas import CodecError
@@ -170,11 +170,8 @@ class Rekeyer:
                     want = min(want, max_messages - self.summary.messages)
                     if want <= 0:
                         break
-                first = self.consumer.poll(r.poll_timeout_s)
-                msgs = [] if first is None else [first]
-                if msgs and want > 1:
-                    msgs += self.consumer.consume(num_messages=want - 1, timeout=0)
-                msgs = without_error_events(msgs, self.source_topic, log)
+                msgs = without_error_events(poll_batch(self.consumer, want, r.poll_timeout_s),
+                                            self.source_topic, log)
                 if msgs:
                     self._retrying("rekey batch", lambda: self.process(msgs))
                     idle_from = time.monotonic()
@@ -246,33 +243,11 @@ class Rekeyer:
     def _commit(self, msgs) -> None:
         """Commit the batch's source offsets; after a rebalance took the partitions away
         the batch stays uncommitted (their next owner re-produces it)."""
-        from confluent_kafka import KafkaException, TopicPartition
-
-        last: dict[tuple[str, int], int] = {}
-        for m in msgs:
-            k = (m.topic(), m.partition())
-            last[k] = max(last.get(k, -1), m.offset())
-        try:
-            done = self.consumer.commit(
-                offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()],
-                asynchronous=False)
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            if err is not None and err.code() in rebalance_kafka_codes():
-                self.summary.uncommitted += 1
-                log.warning("offset commit refused after a rebalance (%s): the batch stays "
-                            "uncommitted and is re-produced by the partitions' next owner", err.str())
-                return
-            raise
-        failed = [tp for tp in done or [] if tp.error is not None]
-        if failed:
-            tp = failed[0]
-            if tp.error.code() in rebalance_kafka_codes():
-                self.summary.uncommitted += 1
-                return
-            if kafka_error_is_transient(tp.error):
-                raise KafkaException(tp.error)
-            raise BrokerError(f"offset commit failed for {tp.topic}[{tp.partition}]: {tp.error}")
+        err = commit_offsets(self.consumer, msgs)
+        if err is not None:
+            self.summary.uncommitted += 1
+            log.warning("offset commit refused after a rebalance (%s): the batch stays "
+                        "uncommitted and is re-produced by the partitions' next owner", err.str())
 
     def _retrying(self, what: str, fn):
         """``fn()`` through transient faults; the assigned partitions are paused while

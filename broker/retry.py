@@ -50,26 +50,6 @@ def kafka_error_is_transient(err) -> bool:
     return err.retriable() or err.code() in transient_kafka_codes()
 
 
-def without_error_events(msgs: list, topic: str, log) -> list:
-    """A poll batch's messages; librdkafka's error events are logged (transient: it
-    reconnects by itself; a missing topic: waited for) or raised (anything else).
-    The consumer and the rekey stage read their topics through this."""
-    from confluent_kafka import KafkaError, KafkaException
-
-    for m in msgs:
-        err = m.error()
-        if err is None or err.code() == KafkaError._PARTITION_EOF:
-            continue
-        if err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
-            log.warning("topic %r: %s (waiting for it to come back)", topic, err.str())
-            continue
-        if not kafka_error_is_transient(err):
-            raise KafkaException(err)
-        # an event, not a message: librdkafka reconnects by itself (a broker restarting)
-        log.warning("kafka: %s (the client reconnects by itself)", err.str())
-    return [m for m in msgs if m.error() is None]
-
-
 def alarm_of(exc: BaseException) -> Optional[str]:
     """``"redis_oom"`` / ``"redis_misconf"`` when Redis refuses writes until a person acts
     (maxmemory reached; a failed snapshot with stop-writes-on-bgsave-error): waited out like
