@@ -433,7 +433,7 @@ class Broker:
         values = [m.value() for m in msgs]
         resolve_ids(self.codec, values)   # a registry outage raises here (retried), not a dead letter
         batch = validate_batch(self.codec, values, [m.key() for m in msgs], max_mjd,
-                               [m.timestamp()[1] * 1000 for m in msgs])
+                               lambda i: msgs[i].timestamp()[1] * 1000)
         points, kept = batch.points, batch.kept
         dead: list[tuple[int, Rejected]] = sorted(batch.rejected.items())
         n = BatchCounts()

@@ -132,6 +132,8 @@ def resolve_ids(codec: Codec, values: Iterable[Optional[bytes]]) -> None:
     """Ask ``codec`` about the schema id of every well-framed message in ``values``, so
     that a registry outage raises here (RegistryUnavailable) instead of rejecting the
     messages one by one; malformed frames are left to the decode that follows."""
+    if not codec.resolves:
+        return                    # nothing to ask: an unknown id is the decode's dead letter
     asked: set[int] = set()
     for v in values:
         if v is None or len(v) < HEADER.size:

@@ -281,12 +281,13 @@ class Batch:
 
 
 def validate_batch(codec, values: list, keys: list, max_mjd: Optional[float] = None,
-                   timestamps_us: Optional[list] = None) -> Batch:
+                   timestamps_us=None) -> Batch:
     """Decode and check a batch: its points, their message indices, {message index: Rejected}.
 
     ``max_mjd``: the latest time accepted (``mjd_now() + margin``), None for no bound.
     ``timestamps_us``: each message's Kafka timestamp (µs), the production time of an
-    alert that carries none (Rubin's packet). Any error while reading one message rejects
+    alert that carries none (Rubin's packet): a list, or a function of the message index
+    (asked only for such alerts, so a compact stream costs no call). Any error while reading one message rejects
     that message (``unreadable``), never the batch."""
     rejected: dict[int, Rejected] = {}
     skipped: dict[str, int] = {}
@@ -317,9 +318,10 @@ def validate_batch(codec, values: list, keys: list, max_mjd: Optional[float] = N
         mag, err = magnitudes(col("scienceFlux", np.float64), col("scienceFluxErr", np.float64))
     checks = check_magnitudes(mag, err)
     produced = col("alertProducedUs", np.int64)
-    if timestamps_us is not None:
-        stamps = np.array([timestamps_us[i] for i in idx], dtype=np.int64)
-        produced = np.where(produced > 0, produced, np.maximum(stamps, 0))
+    missing = np.flatnonzero(produced <= 0)
+    if timestamps_us is not None and len(missing):
+        stamp = timestamps_us if callable(timestamps_us) else timestamps_us.__getitem__
+        produced[missing] = np.maximum([stamp(idx[j]) for j in missing], 0)
     live = Points(col("diaObjectId", np.int64), col("diaSourceId", np.int64),
                   col("midpointMjdTai", np.float64), mag, err, produced,
                   st.band_codes(r["band"] for r in recs), col("ra", np.float64), col("dec", np.float64))

@@ -112,6 +112,11 @@ class Codec:
         self._kind[sid] = kind or kind_of_schema(parsed)
         self._headers[sid] = HEADER.pack(MAGIC, sid)
 
+    @property
+    def resolves(self) -> bool:
+        """Whether unknown ids are asked of a resolver (a registry)."""
+        return self._resolver is not None
+
     def known(self, schema_id: int) -> bool:
         """Whether ``schema_id`` decodes here (asks the resolver once for an unknown id)."""
         return self._schema(schema_id) is not None
