@@ -334,71 +334,45 @@ def validate_batch(codec, values: list, keys: list, max_mjd: Optional[float] = N
         pts = Points(live.object_id[ok], live.source_id[ok], live.time[ok], live.mag[ok], live.mag_err[ok],
                      live.produced_us[ok], live.band[ok], live.ra[ok], live.dec[ok], None)
         return Batch(pts, [idx[j] for j in ok], rejected, skipped)
-    # each good alert: its history points (oldest first), then its own point
-    rows_of: list[np.ndarray] = []
+    # each good alert: its usable history points (oldest first), then its own point
     hist_cols: list[list] = [[], [], [], [], []]       # id, time, band, flux, error
-    hist_owner: list[int] = []
-    kept: list[int] = []
+    hist_owner: list[int] = []                        # the alert row of each history point
     for j, c in enumerate(checks):
         if c is not None:
             rejected[idx[j]] = c
             continue
         hist = recs[j].get("prvDiaSources")
-        rows = []
         if hist:
             rows, why = _history_rows(hist, float(live.time[j]))
             for r, k in why.items():
                 skipped[r] = skipped.get(r, 0) + k
-        for r in rows:
-            for c_, v_ in zip(hist_cols, r):
-                c_.append(v_)
-            hist_owner.append(j)
-        rows_of.append((j, len(rows)))
-    # assemble: per alert, its history rows then itself
-    nh = len(hist_owner)
-    if nh:
-        with np.errstate(all="ignore"):
-            hmag, herr = magnitudes(np.asarray(hist_cols[3], np.float64), np.asarray(hist_cols[4], np.float64))
-        bad_h = np.array([c is not None for c in check_magnitudes(hmag, herr)], dtype=bool)
-    order_src, order_row = [], []     # ("h", history row) or ("l", alert row)
-    hpos = 0
-    for j, k in rows_of:
-        for q in range(hpos, hpos + k):
-            if bad_h[q]:
-                skipped["bad_value"] = skipped.get("bad_value", 0) + 1
-            else:
-                order_src.append(1)
-                order_row.append(q)
-        hpos += k
-        order_src.append(0)
-        order_row.append(j)
-        kept.append(idx[j])
-    src = np.asarray(order_src, dtype=bool)
-    row = np.asarray(order_row, dtype=np.intp)
-    if not nh or not src.any():
-        ok = row
-        pts = Points(live.object_id[ok], live.source_id[ok], live.time[ok], live.mag[ok], live.mag_err[ok],
-                     live.produced_us[ok], live.band[ok], live.ra[ok], live.dec[ok],
-                     np.full(len(ok), st.KIND_LIVE, np.uint8))
-        return Batch(pts, kept, rejected, skipped)
-    owner = np.asarray(hist_owner, dtype=np.intp)
-    hid = np.asarray(hist_cols[0], np.int64)
-    ht = np.asarray(hist_cols[1], np.float64)
-    hb = st.band_codes(hist_cols[2])
+            for r in rows:
+                for c_, v_ in zip(hist_cols, r):
+                    c_.append(v_)
+                hist_owner.append(j)
+    with np.errstate(all="ignore"):
+        hmag, herr = magnitudes(np.asarray(hist_cols[3], np.float64), np.asarray(hist_cols[4], np.float64))
+    usable = np.array([c is None for c in check_magnitudes(hmag, herr)], dtype=bool)
+    if not usable.all():
+        skipped["bad_value"] = skipped.get("bad_value", 0) + int((~usable).sum())
+    # one pool of points, the alerts' own (rows 0 .. n-1) then the history (n ..), put in
+    # order by alert, its history (in its own order) before its own point
+    owner = np.asarray(hist_owner, dtype=np.intp)[usable]
+    own = np.flatnonzero(good)
+    al = np.concatenate([owner, own])                               # each point's alert row
+    pool_row = np.concatenate([n + np.flatnonzero(usable), own])
+    is_live = np.concatenate([np.zeros(len(owner), bool), np.ones(len(own), bool)])
+    order = np.lexsort((np.arange(len(al)), is_live, al))
+    al, pool_row, is_live = al[order], pool_row[order], is_live[order]
 
-    def pick(live_col, hist_col):
-        out = np.empty(len(row), dtype=live_col.dtype)
-        out[~src] = live_col[row[~src]]
-        out[src] = hist_col[row[src]]
-        return out
+    def pooled(live_col, hist_col):
+        return np.concatenate([live_col, np.asarray(hist_col, dtype=live_col.dtype)])[pool_row]
 
-    al = np.where(src, owner[np.where(src, row, 0)], row)     # the alert row of every point
-    pts = Points(live.object_id[al], pick(live.source_id, hid), pick(live.time, ht),
-                 pick(live.mag, hmag.astype(np.float32)), pick(live.mag_err, herr.astype(np.float32)),
-                 live.produced_us[al], pick(live.band, hb), live.ra[al], live.dec[al],
-                 np.where(src, st.KIND_HISTORY, st.KIND_LIVE).astype(np.uint8))
-    kept_all = [idx[j] for j in al]
-    return Batch(pts, kept_all, rejected, skipped)
+    pts = Points(live.object_id[al], pooled(live.source_id, hist_cols[0]), pooled(live.time, hist_cols[1]),
+                 pooled(live.mag, hmag), pooled(live.mag_err, herr), live.produced_us[al],
+                 pooled(live.band, st.band_codes(hist_cols[2])), live.ra[al], live.dec[al],
+                 np.where(is_live, st.KIND_LIVE, st.KIND_HISTORY).astype(np.uint8))
+    return Batch(pts, [idx[j] for j in al], rejected, skipped)
 
 
 def append_outcomes(statuses: bytes, rows, points: Points, kept: list[int]
