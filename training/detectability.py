@@ -24,6 +24,9 @@ def detectability(t: np.ndarray, flux_model: np.ndarray, mag_err,
     return fit_pspl(t, flux_model, sigma_f, true_params=true_params, **fit_options)
 
 
+MIN_FIT_POINTS = 4
+
+
 def onset(t: np.ndarray, chi2_hindsight: np.ndarray, fit_first, threshold: float) -> int:
     """Detectability onset: the first visit n (0-based) at which the best PSPL fit to the
     visits 0..n alone has chi^2 >= ``threshold`` (the noise-free binary has chi^2 0): the
@@ -42,7 +45,12 @@ def onset(t: np.ndarray, chi2_hindsight: np.ndarray, fit_first, threshold: float
     c = np.cumsum(chi2_hindsight)
     if len(c) == 0 or c[-1] < threshold:
         return -1
-    lo, hi = int(np.flatnonzero(c >= threshold)[0]), len(t) - 1
+    # a PSPL (t0, u0, tE and two fluxes) fits up to 4 points exactly, and the fitter takes
+    # no fewer: the onset is never before the 4th visit (an outlier at the very start put
+    # the search's lower bound there, and a fit of 3 points raised)
+    lo, hi = max(int(np.flatnonzero(c >= threshold)[0]), MIN_FIT_POINTS - 1), len(t) - 1
+    if hi < lo:
+        return -1
     if fit_first(hi + 1) < threshold:
         return -1
     while lo < hi:

@@ -204,6 +204,22 @@ def test_onset_is_the_first_visit_a_pspl_of_the_visits_so_far_cannot_fit():
     assert onset(t, hind, lambda n: 100.0, 160.0) == -1          # no PSPL fit ever fails
 
 
+def test_onset_never_asks_for_a_fit_of_fewer_than_four_visits():
+    """An outlier on the first visit puts the hindsight bound at visit 0; the fitter takes
+    4 points at least (seen in a 16,000-event lsst simulation: 'needs at least 4 points,
+    got 3')."""
+    from training.detectability import onset
+
+    t = np.arange(8.0)
+
+    def fit_first(n):
+        assert n >= 4, n
+        return [0, 0, 0, 0, 0, 200, 300, 400.0][n - 1]
+
+    assert onset(t, np.array([500, 1, 1, 1, 1, 1, 1, 1.0]), fit_first, 160.0) == 5
+    assert onset(t[:3], np.array([500, 1, 1.0]), fit_first, 160.0) == -1   # too few visits
+
+
 def test_onset_on_a_binary_is_at_its_anomaly_not_on_the_baseline():
     """A noise-free binary with its caustic late in a dense, precise light curve: the
     whole curve's PSPL misses the early points a little at each, so its running chi^2
