@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from training import decision
-from training.features import CHANNELS, REFERENCE_POINTS, build_features, build_features_batch
+from training.features import (CHANNELS, REFERENCE_POINTS, FeatureError, build_features,
+                               build_features_batch, feature_set)
 from training.model import TDCNN
 from training.scalers import ScalerError, TwoStageScaler
 
@@ -95,6 +96,11 @@ class Artifact:
     device: torch.device
 
     @property
+    def channels(self) -> tuple[str, ...]:
+        """The feature channels the model reads (the card's; training.features.FEATURE_SETS)."""
+        return tuple(self.card["channels"])
+
+    @property
     def decision(self) -> dict:
         """Decision-rule parameters (rule, smooth_window, min_points, threshold)."""
         return self.card["decision"]
@@ -103,7 +109,8 @@ class Artifact:
                band=None) -> np.ndarray:
         """Model input (n, C) float32 for a light curve (or a tail window, see features);
         ``band`` u8 codes per point (None: one band)."""
-        return self.scalers.transform(build_features(time, mag, mag_err, reference, prev_time, band))
+        return self.scalers.transform(build_features(time, mag, mag_err, reference, prev_time, band,
+                                                     channels=self.channels))
 
     def inputs_batch(self, time, mag, mag_err, reference=None, prev_time=None,
                      lengths=None, band=None) -> np.ndarray:
@@ -111,7 +118,7 @@ class Artifact:
         ``inputs(...)`` of curve ``b`` bit for bit on one machine (see
         ``features.build_features_batch`` for the arguments); rows past ``lengths[b]`` are 0."""
         x = self.scalers.transform(build_features_batch(time, mag, mag_err, reference, prev_time,
-                                                        lengths, band))
+                                                        lengths, band, channels=self.channels))
         if lengths is not None:
             x[np.arange(x.shape[1])[None, :] >= np.asarray(lengths)[:, None]] = 0.0
         return x
@@ -188,10 +195,13 @@ def load_artifact(directory, device: str | torch.device = "cpu") -> Artifact:
     for key in ("kwargs", "threshold", "decision", "channels", "reference_points"):
         if key not in card:
             raise ArtifactError(f"{card_path}: missing field {key!r}")
-    if list(card["channels"]) != list(CHANNELS) or card["reference_points"] != REFERENCE_POINTS:
-        raise ArtifactError(f"{card_path}: built for features {card['channels']} with "
-                            f"{card['reference_points']} reference points; this code builds "
-                            f"{list(CHANNELS)} with {REFERENCE_POINTS}")
+    try:
+        channels = feature_set(card["channels"])
+    except (FeatureError, TypeError) as exc:
+        raise ArtifactError(f"{card_path}: built for features this code does not build: {exc}") from None
+    if card["reference_points"] != REFERENCE_POINTS:
+        raise ArtifactError(f"{card_path}: built with {card['reference_points']} reference points; "
+                            f"this code uses {REFERENCE_POINTS}")
     try:
         model = cls(**card["kwargs"])
     except (TypeError, ValueError) as exc:
@@ -200,8 +210,9 @@ def load_artifact(directory, device: str | torch.device = "cpu") -> Artifact:
         scalers = TwoStageScaler.from_dict(_read_json(scalers_path))
     except ScalerError as exc:
         raise ArtifactError(f"{scalers_path}: {exc}") from None
-    if scalers.n_channels != len(CHANNELS):
-        raise ArtifactError(f"{scalers_path}: {scalers.n_channels} channels, expected {len(CHANNELS)}")
+    if scalers.n_channels != len(channels):
+        raise ArtifactError(f"{scalers_path}: {scalers.n_channels} channels, the card's features "
+                            f"have {len(channels)}")
     if not weights_path.is_file():
         raise ArtifactError(f"model artifact file missing: {weights_path}")
     raw = weights_path.read_bytes()

@@ -18,7 +18,15 @@ event score = running maximum of the causal 5-point mean of P(binary):
   features are causal, so the per-point outputs of one run over the whole curve *are*
   the cut-and-rerun outputs (tests/unit/test_train_eval.py proves it on an event);
 * decision time (first trigger) relative to t0, in days and in units of tE;
-* a threshold sweep 0.5-0.99.
+* a threshold sweep 0.5-0.99;
+* decision time from the detectability onset (``onset``: the first visit at which the
+  best PSPL fit to the visits so far has Δχ² >= 160, stored by ``ulens simulate``): for
+  the binaries that have one, days and visits from the onset to the first trigger, the
+  share triggered at all, before t0 + tE and before the onset; at the card's threshold
+  and at the thresholds where 5% and 1% of the file's PSPL events fire (``matched``),
+  with the completeness at purity 0.90 (PSPL vs onset binaries). BinML (Roman-like
+  cadence) is the anchor: 89% within the season, median +5.0 d after onset,
+  completeness 0.883 at purity 0.90.
 
 Writes ``DIR/evaluation/evaluation_summary.json`` (or ``--output``) and PNGs (roc.png,
 decision_time.png, recall_vs_dchi2.png, early_detection.png); ``--json`` prints the summary.
@@ -76,14 +84,15 @@ def event_probs(art, ds, events) -> list[np.ndarray]:
     return art.predict_curves(inputs, batch_size=128)
 
 
-def cut_and_rerun_score(art, time, mag, mag_err, n_points: int) -> float:
+def cut_and_rerun_score(art, time, mag, mag_err, n_points: int, band=None) -> float:
     """Event score from a fresh run on the first ``n_points`` points only (the slow way)."""
     from training import decision
 
     dec = art.decision
     if n_points <= 0:
         return float("-inf")
-    x = art.inputs(time[:n_points], mag[:n_points], mag_err[:n_points])
+    x = art.inputs(time[:n_points], mag[:n_points], mag_err[:n_points],
+                   band=None if band is None else band[:n_points])
     p = art.predict(x[None])[0]
     return decision.event_score(p, dec["min_points"], dec["smooth_window"])
 
@@ -155,11 +164,99 @@ def summarize(name: str, ds, events, running: list, thr: float, early_detection:
                      "recall_detectable": float((scores[bin_det] >= th).mean()) if bin_det.any() else None,
                      "median_decision_time_tE_detectable": float(np.median(fd)) if len(fd) else None})
     s["threshold_sweep"] = rows
+    s["onset"] = onset_figures(ds, events, running, thr)
+    s["matched"] = matched_rate_figures(ds, events, running, scores, labels)
     if early_detection:
         s["early_detection"] = _early(ds, events, running, thr, labels, det, bin_det, t0, tE)
     s["_arrays"] = {"labels": labels, "scores": scores, "det": det, "bin_det": bin_det,
                     "dt_tE": dt_days / tE, "dchi2": dchi2}
     return s
+
+
+PURITY_GOAL = 0.90
+MATCHED_RATES = (0.05, 0.01)
+
+
+def _first_trigger_times(ds, events, running, thr) -> tuple[np.ndarray, np.ndarray]:
+    """(time, index) of each event's first trigger at ``thr``: NaN and -1 where none."""
+    times, idx = np.full(len(events), np.nan), np.full(len(events), -1)
+    for k, (i, r) in enumerate(zip(events, running)):
+        j = first_index(r, thr)
+        if j is not None:
+            times[k], idx[k] = ds.event(int(i))[0][j], j
+    return times, idx
+
+
+def onset_figures(ds, events, running, thr) -> dict:
+    """Decision time of the binaries with a detectability onset, counted from it.
+
+    Visits are counted on the points the rule saw (the file's, magnitudes only): the
+    onset visit is the first point at or after the onset time. A trigger before the
+    onset is kept with a negative delay (a lucky or a false call: nothing a causal rule
+    could have known yet); ``fraction_before_onset`` says how many."""
+    onset = ds.params["onset"][events]
+    labels = ds.label[events]
+    has = (labels == 1) & np.isfinite(onset)
+    out: dict = {"n_binary_with_onset": int(has.sum()), "threshold": float(thr)}
+    if not has.any():
+        return out
+    trig_t, trig_j = _first_trigger_times(ds, events, running, thr)
+    t0, tE = ds.params["t0"][events], ds.params["tE"][events]
+    days, visits = [], []
+    for k in np.flatnonzero(has & (trig_j >= 0)):
+        t = ds.event(int(events[k]))[0]
+        days.append(trig_t[k] - onset[k])
+        visits.append(int(trig_j[k]) - int(np.searchsorted(t, onset[k], side="left")))
+    days, visits = np.array(days, float), np.array(visits, float)
+    fired = has & (trig_j >= 0)
+    out.update({
+        "fraction_triggered": float(fired[has].mean()),
+        "fraction_triggered_before_t0_plus_tE": float(np.mean(
+            np.nan_to_num(trig_t[has], nan=np.inf) < (t0 + tE)[has])),
+        "fraction_before_onset": float(np.mean(days < 0)) if len(days) else None,
+        "delay_days": _stats(days), "delay_visits": _stats(visits),
+        "median_delay_days": float(np.median(days)) if len(days) else None,
+        "median_delay_visits": float(np.median(visits)) if len(visits) else None})
+    return out
+
+
+def completeness_at_purity(labels, scores, positive, purity: float = PURITY_GOAL) -> dict:
+    """Highest completeness (share of ``positive`` events fired) over thresholds at which
+    purity = fired positives / (fired positives + fired PSPL) >= ``purity``; the class mix
+    is the file's."""
+    neg = np.sort(scores[labels == 0])[::-1]
+    pos = np.sort(scores[positive])[::-1]
+    if not len(pos) or not len(neg):
+        return {"purity": purity, "completeness": None, "threshold": None}
+    best = (0.0, None)
+    for th in np.unique(np.concatenate([pos[np.isfinite(pos)], [np.inf]])):
+        tp = len(pos) - np.searchsorted(pos[::-1], th, side="left")
+        fp = len(neg) - np.searchsorted(neg[::-1], th, side="left")
+        if tp and tp / (tp + fp) >= purity and tp / len(pos) > best[0]:
+            best = (tp / len(pos), float(th))
+    return {"purity": purity, "completeness": best[0], "threshold": best[1]}
+
+
+def matched_rate_figures(ds, events, running, scores, labels) -> dict:
+    """The rule at the thresholds where 5% and 1% of this file's PSPL events fire (a
+    matched-rate comparison between rules: the thresholds are fitted on these PSPL
+    events): recall on detectable binaries and the onset figures; and the completeness
+    at purity 0.90 on PSPL vs the binaries with an onset."""
+    from training import decision, metrics
+
+    det = metrics.detectable_mask(labels, ds.params["dchi2"][events]) & (labels == 1)
+    on = (labels == 1) & np.isfinite(ds.params["onset"][events])
+    out: dict = {"completeness_at_purity": completeness_at_purity(labels, scores, on)}
+    if not (labels == 0).any():
+        return out
+    for rate in MATCHED_RATES:
+        th = decision.threshold_for_false_rate(scores[labels == 0], rate)
+        o = onset_figures(ds, events, running, th)
+        out[f"pspl_{int(rate * 100)}pct"] = {
+            "threshold": float(th), "pspl_firing_rate": float((scores[labels == 0] >= th).mean()),
+            "recall_detectable": float((scores[det] >= th).mean()) if det.any() else None,
+            "onset": o}
+    return out
 
 
 def _decision_days(ds, events, running, thr, t0) -> np.ndarray:
@@ -356,8 +453,30 @@ def run(args) -> int:
               f"precision {c['precision']:.3f}, recall {c['recall']:.3f}, F1 {c['f1']:.3f}")
         print(f"PSPL vs Δχ² >= 160 binaries ({d['n_binary']}): ROC AUC {_f(d['roc_auc'])}, recall "
               f"{_f(d['recall_at_threshold'])} at PSPL firing rate {_f(d['pspl_firing_rate'])}")
+        print(render_onset(s))
         print(f"wrote {s['output']}", file=sys.stderr)
     return 0
+
+
+def render_onset(s: dict) -> str:
+    """The onset-based lines of the text output (also the report's)."""
+    o = s["onset"]
+    if not o.get("n_binary_with_onset"):
+        return "decision time from the onset: no binary of this file has a detectability onset"
+    lines = [f"decision time from the detectability onset ({o['n_binary_with_onset']} binaries with one), "
+             f"at the card threshold: triggered {o['fraction_triggered']:.3f}, by t0 + tE "
+             f"{o['fraction_triggered_before_t0_plus_tE']:.3f}, median delay "
+             f"{_f(o['median_delay_days'])} d / {_f(o['median_delay_visits'])} visits "
+             f"(before the onset: {_f(o['fraction_before_onset'])})"]
+    for key, m in s["matched"].items():
+        if key.startswith("pspl_"):
+            mo = m["onset"]
+            lines.append(f"  at {m['pspl_firing_rate']:.3f} PSPL firing (threshold {m['threshold']:.4f}): recall "
+                         f"Δχ² >= 160 {_f(m['recall_detectable'])}, triggered {_f(mo.get('fraction_triggered'))}, "
+                         f"median delay {_f(mo.get('median_delay_days'))} d")
+    c = s["matched"]["completeness_at_purity"]
+    lines.append(f"  completeness at purity {c['purity']:.2f}: {_f(c['completeness'])}")
+    return "\n".join(lines)
 
 
 def _f(v) -> str:

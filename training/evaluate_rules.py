@@ -171,6 +171,7 @@ def compare(model_dir, data, params: psplfit.Params, output, rate: float = 0.05,
             "cpu_us_per_point": 1e6 * cpu / max(n_points, 1) if cpu else None,
             "cpu_note": ("full-curve batched forward pass offline (not the broker's cost per alert)"
                          if name == "tdcnn" else "the broker's per-point function, run offline"),
+            "at_pspl_rates": matched["matched"],
             "detail_matched_rate": public(matched)}
     result["paired_decision_time"] = paired(ds, events, matched_all)
     result["completeness_vs_decision_time"] = {
@@ -210,7 +211,7 @@ def _headline(s: dict) -> dict:
             "median_decision_days_detectable": d["binary_detectable_days"].get("median"),
             "median_decision_tE_detectable": d["binary_detectable_tE"].get("median"),
             "fraction_detectable_fired_before_t0": d["fraction_detectable_fired_before_t0"],
-            "recall_by_dchi2": s["recall_by_dchi2"]}
+            "onset": s["onset"], "recall_by_dchi2": s["recall_by_dchi2"]}
 
 
 def plot_completeness(path: Path, curves: dict, rate: float) -> str:
@@ -277,6 +278,24 @@ def render_comparison(r: dict) -> str:
                          f"{_f(h['median_decision_tE_detectable'], '.2f'):>12}"
                          f"{_f(d['cpu_us_per_point'], '.0f'):>8}")
     lines.append("* at the rule's own threshold (TD-CNN: model card; pspl-fit: consumer.pspl_fit.threshold)")
+    lines += ["", "at equal PSPL firing (thresholds fitted on these PSPL events); delay = first trigger - "
+              "detectability onset, over the binaries with an onset",
+              f"{'rule':<10}{'PSPL fire':>10}{'recall Δχ²≥160':>15}{'triggered':>10}{'by t0+tE':>9}"
+              f"{'before onset':>13}{'med delay [d]':>14}{'[visits]':>9}"]
+    for name, d in r["rules"].items():
+        for key, m in d["at_pspl_rates"].items():
+            if not key.startswith("pspl_"):
+                continue
+            o = m["onset"]
+            lines.append(f"{name:<10}{_f(m['pspl_firing_rate'], '.3f'):>10}{_f(m['recall_detectable'], '.3f'):>15}"
+                         f"{_f(o.get('fraction_triggered'), '.3f'):>10}"
+                         f"{_f(o.get('fraction_triggered_before_t0_plus_tE'), '.3f'):>9}"
+                         f"{_f(o.get('fraction_before_onset'), '.3f'):>13}{_f(o.get('median_delay_days'), '+.1f'):>14}"
+                         f"{_f(o.get('median_delay_visits'), '+.0f'):>9}")
+    for name, d in r["rules"].items():
+        c = d["at_pspl_rates"]["completeness_at_purity"]
+        lines.append(f"{name}: completeness (binaries with an onset) at purity {c['purity']:.2f}: "
+                     f"{_f(c['completeness'], '.3f')}")
     pd = r.get("paired_decision_time")
     if pd and pd["n_both"]:
         lines.append(f"binaries Δχ² ≥ 160 triggered by both ({pd['n_both']} of {pd['n_detectable']}; only tdcnn "

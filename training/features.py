@@ -26,6 +26,25 @@ Channels, one row per observed point ``j`` (no resampling: one step per point):
 ``log_dt``
     ``log1p(time_j - time_{j-1})`` in days; 0 for an event's first point.
 
+Those three are the thesis models' set (``CHANNELS_V1``, the default). A model trained
+for surveys of many cadences, bands and depths (``CHANNELS_V2``, ``ulens train
+--features v2``) reads the same ``dmag`` and ``log_dt`` and, instead of the raw error:
+
+``snr``
+    how significant the brightening is: ``asinh(z)`` with ``z = (F_j - F_ref) / sigma_F``
+    the flux above the band's reference in units of the point's flux error,
+    ``z = (1 - 10^(-0.4 dmag)) / (0.4 ln(10) mag_err)`` (first order in the error, as the
+    magnitude error itself is). A 0.1-mag brightening is z = 18 at 0.005 mag but z = 0.3
+    at 0.3 mag: the same dmag means a detection on a bright source and noise on a faint
+    one, which a constant-error survey never taught the thesis models.
+``log_mag_err``
+    ``ln(mag_err)`` (errors span 0.005-0.5 mag in one Rubin light curve).
+``band_u`` .. ``band_y``
+    the band, one-hot (a learned linear embedding in the first convolution); a code
+    outside ugrizy, or no band, is all zeros.
+
+Errors below ``MIN_MAG_ERR`` are taken as ``MIN_MAG_ERR`` in ``snr`` and ``log_mag_err``.
+
 Every row depends only on points ``0..j`` (causal). Rows are computed in float64 and
 returned as float32.
 
@@ -51,7 +70,13 @@ from typing import Optional
 
 import numpy as np
 
-CHANNELS: tuple[str, ...] = ("dmag", "mag_err", "log_dt")
+CHANNELS_V1: tuple[str, ...] = ("dmag", "mag_err", "log_dt")
+CHANNELS_V2: tuple[str, ...] = ("dmag", "snr", "log_mag_err", "log_dt",
+                                "band_u", "band_g", "band_r", "band_i", "band_z", "band_y")
+FEATURE_SETS: dict[str, tuple[str, ...]] = {"v1": CHANNELS_V1, "v2": CHANNELS_V2}
+CHANNELS = CHANNELS_V1            # the default: the thesis models' set
+MIN_MAG_ERR = 1e-3
+_LN10_04 = 0.4 * np.log(10.0)
 REFERENCE_POINTS: int = 10
 N_BANDS = 6                       # u g r i z y
 N_SLOTS = N_BANDS + 1             # + one slot for any other band code
@@ -146,8 +171,21 @@ def _reference_columns(m: np.ndarray, slots: Optional[np.ndarray], ref: Optional
     return out
 
 
+def feature_set(channels) -> tuple[str, ...]:
+    """``channels`` (a set's name or its channel list) as one of :data:`FEATURE_SETS`."""
+    if isinstance(channels, str):
+        if channels not in FEATURE_SETS:
+            raise FeatureError(f"unknown feature set {channels!r} (known: {', '.join(FEATURE_SETS)})")
+        return FEATURE_SETS[channels]
+    c = tuple(channels)
+    if c not in FEATURE_SETS.values():
+        raise FeatureError(f"unknown feature channels {list(c)} (known sets: "
+                           + "; ".join(f"{k} = {list(v)}" for k, v in FEATURE_SETS.items()) + ")")
+    return c
+
+
 def build_features(time, mag, mag_err, reference=None, prev_time: float | None = None,
-                   band=None) -> np.ndarray:
+                   band=None, channels=CHANNELS) -> np.ndarray:
     """Features (n, len(CHANNELS)) float32 for n observed points, one row per point.
 
     ``time`` in days (strictly increasing), ``mag`` and ``mag_err`` in magnitudes, ``band``
@@ -167,11 +205,12 @@ def build_features(time, mag, mag_err, reference=None, prev_time: float | None =
         reference = reference.reshape(1) if reference.ndim == 0 else reference[None]
     return build_features_batch(t[None], m[None], e[None], reference,
                                 None if prev_time is None else np.array([float(prev_time)]),
-                                band=None if band is None else np.asarray(band)[None])[0]
+                                band=None if band is None else np.asarray(band)[None],
+                                channels=channels)[0]
 
 
 def build_features_batch(time, mag, mag_err, reference=None, prev_time=None,
-                         lengths=None, band=None) -> np.ndarray:
+                         lengths=None, band=None, channels=CHANNELS) -> np.ndarray:
     """Features of B light curves (or tail windows) at once: (B, W) arrays -> (B, W, C) float32.
 
     Row ``b`` equals ``build_features(time[b, :n], mag[b, :n], mag_err[b, :n],
@@ -184,8 +223,10 @@ def build_features_batch(time, mag, mag_err, reference=None, prev_time=None,
     ``prev_time``: None (the first row's ``log_dt`` is 0) or (B,) floats, the time of the
     point before each window. ``lengths``: None or (B,) ints for right-padded ragged
     curves; whatever is stored past ``lengths[b]`` is ignored and those rows come back as
-    0. ``band``: None (one band) or (B, W) u8 codes.
+    0. ``band``: None (one band) or (B, W) u8 codes. ``channels``: a feature set
+    (:data:`FEATURE_SETS`, by name or channel list).
     """
+    channels = feature_set(channels)
     t = np.asarray(time, dtype=np.float64)
     m = np.asarray(mag, dtype=np.float64)
     e = np.asarray(mag_err, dtype=np.float64)
@@ -221,11 +262,10 @@ def build_features_batch(time, mag, mag_err, reference=None, prev_time=None,
         if np.any((n < 0) | (n > w)):
             raise FeatureError(f"lengths must be in 0..{w}")
         valid = np.arange(w)[None, :] < n[:, None]
-    out = np.empty((b, w, len(CHANNELS)), dtype=np.float64)
+    out = np.empty((b, w, len(channels)), dtype=np.float64)
     if w == 0:
         return out.astype(np.float32)
-    out[..., 0] = _reference_columns(m, slots, ref) - m
-    out[..., 1] = e
+    dmag = _reference_columns(m, slots, ref) - m
     dt = np.empty((b, w), dtype=np.float64)
     dt[:, 0] = 0.0 if prev is None else t[:, 0] - prev
     dt[:, 1:] = t[:, 1:] - t[:, :-1]
@@ -233,7 +273,20 @@ def build_features_batch(time, mag, mag_err, reference=None, prev_time=None,
         dt[~valid] = 0.0
     if np.any(dt < 0):
         raise FeatureError("times must be increasing (and after prev_time)")
-    out[..., 2] = np.log1p(dt)
+    if channels == CHANNELS_V1:
+        out[..., 0], out[..., 1], out[..., 2] = dmag, e, np.log1p(dt)
+    else:
+        ef = np.maximum(e, MIN_MAG_ERR)
+        out[..., 0] = dmag
+        out[..., 1] = np.arcsinh(-np.expm1(-_LN10_04 * dmag) / (_LN10_04 * ef))
+        out[..., 2] = np.log(ef)
+        out[..., 3] = np.log1p(dt)
+        onehot = out[..., 4:]
+        onehot[...] = 0.0
+        if slots is not None:
+            known = slots < N_BANDS
+            bi, wi = np.nonzero(known)
+            onehot[bi, wi, slots[known]] = 1.0
     res = out.astype(np.float32)
     if valid is not None:
         res[~valid] = 0.0

@@ -78,6 +78,7 @@ class TrainConfig:
     conv_channels: tuple[int, ...] = (128, 64, 32)
     fc_units: int = 64
     num_threads: int | None = None
+    features: str = "v2"
     progress: bool = True
     command: str | None = None
 
@@ -106,14 +107,17 @@ def split_events(labels: np.ndarray, seed: int, fractions=SPLIT_FRACTIONS) -> di
     return {k: np.sort(np.concatenate(v)) for k, v in parts.items()}
 
 
-def dataset_features(ds) -> np.ndarray:
-    """build_features for every event, flat (P, C) float32 aligned with the dataset's points."""
-    from training.features import CHANNELS, build_features
+def dataset_features(ds, channels="v1") -> np.ndarray:
+    """build_features (feature set ``channels``) for every event, flat (P, C) float32 aligned
+    with the dataset's points."""
+    from training.features import build_features, feature_set
 
-    out = np.empty((len(ds.time), len(CHANNELS)), dtype=np.float32)
+    channels = feature_set(channels)
+    out = np.empty((len(ds.time), len(channels)), dtype=np.float32)
     for i in range(ds.n_events):
         a, b = ds.offsets[i], ds.offsets[i + 1]
-        out[a:b] = build_features(ds.time[a:b], ds.mag[a:b], ds.mag_err[a:b], band=ds.band[a:b])
+        out[a:b] = build_features(ds.time[a:b], ds.mag[a:b], ds.mag_err[a:b], band=ds.band[a:b],
+                                  channels=channels)
     return out
 
 
@@ -226,7 +230,7 @@ def train(cfg: TrainConfig) -> Path:
     from training import dataset as dataset_mod
     from training import decision, metrics
     from training.artifact import resolve_device, save_artifact
-    from training.features import CHANNELS
+    from training.features import FeatureError, feature_set
     from training.model import TDCNN
     from training.scalers import TwoStageScaler
 
@@ -236,6 +240,10 @@ def train(cfg: TrainConfig) -> Path:
         raise TrainError("--max-minutes must be positive")
     if not cfg.experiment_name or "/" in cfg.experiment_name:
         raise TrainError(f"bad experiment name {cfg.experiment_name!r}")
+    try:
+        channels = feature_set(cfg.features)
+    except FeatureError as exc:
+        raise TrainError(f"--features: {exc}") from None
     data_path = Path(cfg.data)
     # the TD-CNN reads magnitudes: a visit that measured no flux (a faint band) has none
     ds = dataset_mod.load(data_path).magnitudes_only()  # DatasetError (a ValueError) names the problem
@@ -270,13 +278,13 @@ def train(cfg: TrainConfig) -> Path:
         {"seed": cfg.seed, "fractions": list(SPLIT_FRACTIONS), "data": str(data_path),
          **{k: ds.event_id[v].tolist() for k, v in split.items()}}) + "\n")
     t0 = time.time()
-    feats = dataset_features(ds)
+    feats = dataset_features(ds, channels)
     train_rows = np.concatenate([np.arange(ds.offsets[i], ds.offsets[i + 1]) for i in split["train"]])
     scalers = TwoStageScaler.fit([feats[train_rows[s:s + 2_000_000]]
-                                  for s in range(0, len(train_rows), 2_000_000)], channels=CHANNELS)
+                                  for s in range(0, len(train_rows), 2_000_000)], channels=channels)
     x = scalers.transform(feats)
     del feats
-    model = TDCNN(in_channels=len(CHANNELS), conv_channels=cfg.conv_channels, dilations=cfg.dilations,
+    model = TDCNN(in_channels=len(channels), conv_channels=cfg.conv_channels, dilations=cfg.dilations,
                   fc_units=cfg.fc_units, dropout=cfg.dropout)
     rf = model.receptive_field
     y = point_targets(ds, rf, cfg.target_chi2)
@@ -368,6 +376,7 @@ def train(cfg: TrainConfig) -> Path:
         "threshold": threshold,
         "decision": decision.params(threshold),
         "threshold_rule": f"lowest threshold at which <= {cfg.max_false_rate} of validation PSPL events fire",
+        "channels": list(channels),
         "targets": targets_card(rf, cfg.target_chi2),
         "crops": {"crop_length": cfg.crop_length, "context": rf - 1,
                   "random_crop_fraction": cfg.random_crop_fraction, "rule": "contain_peak"},
@@ -420,6 +429,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay,
                    help="weight decay of the optimiser")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--features", choices=("v1", "v2"), default=TrainConfig.features,
+                   help="input channels (training/features.py): v1 = dmag, mag_err, log_dt (the "
+                        "thesis models); v2 = dmag, the brightening's significance, ln mag_err, "
+                        "log_dt and the band one-hot, for surveys of many cadences, bands and depths")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
@@ -435,7 +448,8 @@ def run(args) -> int:
                       patience=args.patience, seed=args.seed, device=args.device, max_minutes=args.max_minutes,
                       crop_length=args.crop_length, random_crop_fraction=args.random_crop_fraction,
                       target_chi2=args.target_chi2, max_false_rate=args.max_false_rate, dilations=dil,
-                      dropout=args.dropout, num_threads=args.num_threads, progress=not args.no_progress,
+                      dropout=args.dropout, num_threads=args.num_threads, features=args.features,
+                      progress=not args.no_progress,
                       command="ulens train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None)
     run_dir = train(cfg)
     print(run_dir)

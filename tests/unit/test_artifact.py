@@ -148,3 +148,31 @@ def test_predict_last_equals_predict(saved, t_len, n_last):
     x = np.random.default_rng(t_len).uniform(0, 1, (37, t_len, 3)).astype(np.float32)
     np.testing.assert_allclose(art.predict_last(x, n_last, batch_size=16),
                                art.predict(x)[:, -n_last:], atol=1e-5, rtol=0)
+
+
+def test_a_v2_artifact_builds_its_own_features_and_refuses_unknown_ones(tmp_path):
+    """The card's channels choose the feature set: a v2 model gets band-aware inputs from
+    the same calls the broker makes; a card naming channels this code cannot build is
+    refused with the file named."""
+    from training.features import CHANNELS_V2
+
+    torch.manual_seed(0)
+    model = TDCNN(in_channels=len(CHANNELS_V2), conv_channels=(8, 8, 4), fc_units=8)
+    rng = np.random.default_rng(0)
+    sc = TwoStageScaler.fit(rng.normal(size=(100, len(CHANNELS_V2))), channels=CHANNELS_V2)
+    d = save_artifact(tmp_path / "v2", model, {"threshold": 0.6, "channels": list(CHANNELS_V2)}, sc)
+    art = load_artifact(d)
+    assert art.channels == CHANNELS_V2
+    t = np.cumsum(rng.uniform(0.5, 2, 40))
+    mag = (20 + 0.05 * rng.normal(size=40)).astype(np.float32)
+    err = np.full(40, 0.05, np.float32)
+    band = np.array([1, 2, 3, 4] * 10, np.uint8)
+    x = art.inputs(t, mag, err, band=band)
+    assert x.shape == (40, len(CHANNELS_V2))
+    assert np.array_equal(x, sc.transform(build_features(t, mag, err, band=band, channels="v2")))
+    assert np.array_equal(art.inputs_batch(t[None], mag[None], err[None], band=band[None])[0], x)
+    card = json.loads((d / "model_card.json").read_text())
+    card["channels"] = ["dmag", "flux"]
+    (d / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(ArtifactError, match="model_card.json.*unknown feature channels"):
+        load_artifact(d)

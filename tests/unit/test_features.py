@@ -200,3 +200,59 @@ def test_batch_bad_input():
     with pytest.raises(FeatureError):
         build_features_batch(bad, mag, mag, lengths=[5, 4])
     assert build_features_batch(bad, mag, mag, lengths=[5, 2]).shape == (2, 5, 3)
+
+
+# ----------------------------------------------------------------- feature set v2
+def test_v2_channels_mean_the_same_at_any_depth():
+    """snr is the flux above the band's reference in units of its error: a 0.5-mag
+    brightening at 0.05 mag is z = (1 - 10^-0.2) / (0.4 ln10 0.05) = 8.0 (asinh 2.78);
+    the same brightening at 0.5 mag is z = 0.8. log_mag_err is ln(err); the band one-hot."""
+    from training.features import CHANNELS_V2, MIN_MAG_ERR
+
+    t = np.arange(24.0) * 3
+    mag = np.full(24, 20.0)
+    mag[12:] -= 0.5
+    band = np.array([1, 3] * 12, np.uint8)                    # g, i
+    for err, z in ((0.05, 8.0), (0.5, 0.8)):
+        f = build_features(t, mag, np.full(24, err), band=band, channels="v2")
+        assert f.shape == (24, len(CHANNELS_V2))
+        c = {name: f[:, k] for k, name in enumerate(CHANNELS_V2)}
+        assert np.allclose(c["dmag"][12:], 0.5) and not c["dmag"][:12].any()
+        assert np.allclose(np.sinh(c["snr"][12:]), z, rtol=2e-3) and not c["snr"][:12].any()
+        assert np.allclose(c["log_mag_err"], np.log(err))
+        assert np.array_equal(c["band_g"], (band == 1).astype(np.float32))
+        assert np.array_equal(c["band_i"], (band == 3).astype(np.float32))
+        assert not (c["band_u"].any() or c["band_r"].any() or c["band_z"].any() or c["band_y"].any())
+    # an error of 0 is taken as MIN_MAG_ERR (no infinity); an unknown band code is all zeros
+    f = build_features(t, mag, np.zeros(24), band=np.full(24, 9, np.uint8), channels="v2")
+    assert np.isfinite(f).all() and np.allclose(f[:, 2], np.log(MIN_MAG_ERR)) and not f[:, 4:].any()
+    assert not build_features(t, mag, np.full(24, 0.05), channels="v2")[:, 4:].any()  # no band
+
+
+def test_v2_tail_windows_equal_the_full_run_exactly():
+    from training.features import band_references
+
+    rng = np.random.default_rng(8)
+    t, mag, err = _curve(300, seed=8)
+    band = rng.integers(0, 6, 300).astype(np.uint8)
+    full = build_features(t, mag, err, band=band, channels="v2")
+    refs = band_references(mag, band)
+    m = 200                                     # every band has its K points by then
+    assert not np.isnan(refs[:6]).any()        # 300 points over 6 bands: each has its K
+    tail = build_features(t[m:], mag[m:], err[m:], band=band[m:], reference=refs, prev_time=t[m - 1],
+                          channels="v2")
+    assert np.array_equal(tail, full[m:])
+    got = build_features_batch(t[None, m:], mag[None, m:], err[None, m:], reference=refs[None],
+                               prev_time=np.array([t[m - 1]]), band=band[None, m:], channels="v2")
+    assert np.array_equal(got[0], full[m:])
+
+
+def test_unknown_feature_sets_are_refused_by_name():
+    from training.features import feature_set
+
+    t, mag, err = _curve(20)
+    with pytest.raises(FeatureError, match="unknown feature set 'v9'"):
+        build_features(t, mag, err, channels="v9")
+    with pytest.raises(FeatureError, match="unknown feature channels"):
+        feature_set(["dmag", "flux"])
+    assert feature_set(list(CHANNELS)) == CHANNELS

@@ -96,7 +96,7 @@ def test_one_causal_run_equals_cut_and_rerun(trained):
     running = decision.running_score(probs, dec["min_points"], dec["smooth_window"])
     t, mag, err = ds.event(1)
     for n in (5, 10, 40, 81, 133, 160):
-        slow = cut_and_rerun_score(art, t, mag, err, n)
+        slow = cut_and_rerun_score(art, t, mag, err, n, band=ds.event_band(1))
         assert slow == pytest.approx(running[n - 1], abs=1e-6) or (slow == running[n - 1] == -np.inf)
 
 
@@ -137,6 +137,6 @@ def test_training_inputs_equal_artifact_inputs(trained):
 
     _, data, run = trained
     art, ds = load_artifact(run), load(data)
-    flat = art.scalers.transform(dataset_features(ds))
+    flat = art.scalers.transform(dataset_features(ds, art.channels))
     for i in (0, 7, 23):
-        assert np.array_equal(flat[ds.offsets[i]:ds.offsets[i + 1]], art.inputs(*ds.event(i)))
+        assert np.array_equal(flat[ds.offsets[i]:ds.offsets[i + 1]], art.inputs(*ds.event(i), band=ds.event_band(i)))
