@@ -152,6 +152,7 @@ def score(truth: list[dict], triggers: list[dict]) -> dict:
             npts.append(first[o]["nPoints"])
             if t.get("dchi2") is not None and t["dchi2"] >= DETECTABLE_DCHI2:
                 dt_te_det.append(d / t["tE"])
+        result_onset = _onset(by_id, labels, first)
         bins = []
         for lo, hi in DCHI2_BINS:
             members = [o for o, t in by_id.items() if labels[o] == 1 and t.get("dchi2") is not None
@@ -175,6 +176,7 @@ def score(truth: list[dict], triggers: list[dict]) -> dict:
                               "share_before_t0": _ratio(sum(1 for d in dt_days if d < 0), len(dt_days)),
                               "n": len(dt_days)},
             "recall_by_dchi2": bins,
+            "onset": result_onset,
             "latency_ms": {**_quantiles(lat, LATENCY_PCT),
                            "max": float(lat.max()) if lat.size else None, "n": int(lat.size)},
             "_dt_te": dt_te, "_latency": lat.tolist(), "_dt_te_det": dt_te_det,
@@ -182,6 +184,21 @@ def score(truth: list[dict], triggers: list[dict]) -> dict:
     result["_n_binary_detectable"] = sum(1 for i, t in by_id.items() if labels[i] == 1
                                          and t.get("dchi2") is not None and t["dchi2"] >= DETECTABLE_DCHI2)
     return result
+
+
+def _onset(by_id: dict, labels: dict, first: dict) -> dict:
+    """Decision time of the binaries with a detectability onset (truth ``onset_mjd``,
+    schema truth v1.1), from the onset: days, and the share triggered at all, by t0 + tE
+    and before the onset (training.evaluate.onset_figures, the offline twin)."""
+    on = [o for o, t in by_id.items() if labels[o] == 1 and t.get("onset_mjd") is not None]
+    days = [first[o]["midpointMjdTai"] - by_id[o]["onset_mjd"] for o in on if o in first]
+    by_te = [o for o in on if o in first and by_id[o].get("t0_mjd") is not None and by_id[o].get("tE")
+             and first[o]["midpointMjdTai"] < by_id[o]["t0_mjd"] + by_id[o]["tE"]]
+    return {"n_binary_with_onset": len(on), "triggered": len(days),
+            "fraction_triggered": _ratio(len(days), len(on)),
+            "fraction_triggered_before_t0_plus_tE": _ratio(len(by_te), len(on)),
+            "fraction_before_onset": _ratio(sum(1 for d in days if d < 0), len(days)),
+            "delay_days": _quantiles(days)}
 
 
 def read_consumer_summaries(paths) -> list[dict]:
@@ -251,6 +268,7 @@ def render(result: dict) -> str:
             "    t_E from t0               " + "".join(f"{_fmt(dt['tE_from_t0'][f'p{q}'], '>10.2f')}" for q in QUANTILES),
             "    points seen               " + "".join(f"{_fmt(dt['points_seen'][f'p{q}'], '>10.0f')}" for q in QUANTILES),
             f"    triggered before t0: {_fmt(dt['share_before_t0'])} of {dt['n']}",
+            _render_onset(r["onset"]),
             "  recall by detectability (Δχ²):",
         ]
         for b in r["recall_by_dchi2"]:
@@ -270,6 +288,16 @@ def render(result: dict) -> str:
                      + "".join(f", {r} {_fmt(v, '.1f')}" for r, v in c["per_rule_us_per_alert"].items())
                      + f", shared {_fmt(c['shared_us_per_alert'], '.1f')}")
     return "\n".join(lines)
+
+
+def _render_onset(o: dict) -> str:
+    if not o["n_binary_with_onset"]:
+        return "  from the detectability onset: no binary with an onset in the truth (truth v1.0, or none)"
+    d = o["delay_days"]
+    return (f"  from the detectability onset ({o['n_binary_with_onset']} binaries): triggered "
+            f"{_fmt(o['fraction_triggered'])}, by t0 + tE {_fmt(o['fraction_triggered_before_t0_plus_tE'])}, "
+            f"delay days p10/p50/p90 {_fmt(d['p10'], '+.1f')} / {_fmt(d['p50'], '+.1f')} / {_fmt(d['p90'], '+.1f')} "
+            f"(before the onset: {_fmt(o['fraction_before_onset'])})")
 
 
 def plot(result: dict, folder: str | Path) -> list[Path]:

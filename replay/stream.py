@@ -328,7 +328,8 @@ def plan(lc: LightCurves, *, history: int = 0, detections_only: bool = False,
 # ---------------------------------------------------------------------------- ground truth
 
 TRUTH_FIELDS = ("diaObjectId", "label", "t0", "t0_mjd", "tE", "u0", "s", "q", "alpha", "rho",
-                "fs", "baseline_mag", "dchi2", "n_points", "first_mjd", "last_mjd", "source", "run_id")
+                "fs", "baseline_mag", "dchi2", "onset_mjd", "onset_index", "n_points", "first_mjd",
+                "last_mjd", "source", "run_id")   # the truth schema's order (v1.1)
 
 
 def _num(x) -> Optional[float]:
@@ -352,7 +353,8 @@ def truth_records(p: Plan, n_sent: np.ndarray, run_id: str) -> list[dict]:
     for e in np.flatnonzero(sent > 0).tolist():
         k = int(sent[e])
         par = {nm: _num(lc.params[nm][e]) if nm in lc.params else None
-               for nm in ("t0", "tE", "u0", "s", "q", "alpha", "rho", "fs", "dchi2")}
+               for nm in ("t0", "tE", "u0", "s", "q", "alpha", "rho", "fs", "dchi2", "onset",
+                          "onset_index")}
         t0 = par["t0"]
         out.append({
             "diaObjectId": int(lc.object_id[e]),
@@ -361,6 +363,10 @@ def truth_records(p: Plan, n_sent: np.ndarray, run_id: str) -> list[dict]:
             "tE": par["tE"], "u0": par["u0"], "s": par["s"], "q": par["q"],
             "alpha": par["alpha"], "rho": par["rho"], "fs": par["fs"],
             "baseline_mag": _num(lc.baseline_mag[e]), "dchi2": par["dchi2"],
+            # onset_index -1 means none (training.dataset): null, like its NaN onset
+            "onset_mjd": None if par["onset"] is None or lc.start_mjd is None else lc.start_mjd + par["onset"],
+            "onset_index": None if par["onset"] is None or par["onset_index"] is None
+            or par["onset_index"] < 0 else int(par["onset_index"]),
             "n_points": k,
             "first_mjd": float(p.columns["midpointMjdTai"][first_pos[e]]),
             "last_mjd": float(p.columns["midpointMjdTai"][first_pos[e] + k - 1]),

@@ -188,6 +188,9 @@ def test_truth_records_match_the_dataset(ds):
         assert t["last_mjd"] == 61000.0 + ds.event(i)[0][-1]
         for k in ("s", "q", "alpha", "rho", "dchi2"):
             assert (t[k] is None) == (ds.label[i] == 0)
+        on = ds.params["onset"][i]
+        assert t["onset_mjd"] == (None if np.isnan(on) else 61000.0 + on)
+        assert t["onset_index"] == (None if np.isnan(on) else int(ds.params["onset_index"][i]))
         assert t["run_id"] == "run1" and tuple(t) == rs.TRUTH_FIELDS
     default_codec().encode(truth[0], "truth")
     # part of a run: only events with alerts sent, n_points = sent so far

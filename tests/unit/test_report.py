@@ -122,3 +122,22 @@ def test_v1_and_v2_triggers_score_alike_and_late_decisions_have_no_latency():
     assert {k: v for k, v in a.items() if not k.startswith("_")} == \
         {k: v for k, v in b.items() if not k.startswith("_")}
     assert a["true_positives"] == 2 and a["latency_ms"]["n"] == 1 and a["latency_ms"]["max"] == 1.0
+
+
+def test_decision_time_from_the_onset():
+    """Binaries 7-9 have an onset at t0 - 5 d (truth v1.1); 8 triggers 10 d after it, 9 two
+    days before it; 7 never. t0 + tE = 61120."""
+    rows = truth()
+    for r in rows:
+        r["onset_mjd"] = 61095.0 if r["diaObjectId"] >= 7 else None
+    res = report.score(rows, [trig(8, 61105.0), trig(9, 61093.0), trig(5, 61200.0)])
+    o = res["rules"]["tdcnn"]["onset"]
+    assert o["n_binary_with_onset"] == 3 and o["triggered"] == 2
+    assert o["fraction_triggered"] == pytest.approx(2 / 3)
+    assert o["fraction_triggered_before_t0_plus_tE"] == pytest.approx(2 / 3)
+    assert o["fraction_before_onset"] == pytest.approx(0.5)
+    assert o["delay_days"]["p50"] == pytest.approx(4.0)          # median of +10 and -2
+    assert "from the detectability onset (3 binaries)" in report.render(res)
+    none = report.score(truth(), [trig(8, 61105.0)])["rules"]["tdcnn"]["onset"]
+    assert none["n_binary_with_onset"] == 0 and "no binary with an onset" in report.render(
+        report.score(truth(), [trig(8, 61105.0)]))
