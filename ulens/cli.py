@@ -22,6 +22,7 @@ OWN_PACKAGES = {"ulens", "config", "schemas", "training", "replay", "broker"}
 COMMANDS: dict[str, tuple[str, str]] = {
     "services": ("ulens.services", "start, stop and inspect the local Kafka and Redis"),
     "simulate": ("training.simulate", "simulate PSPL and binary-lens light curves into a dataset (.npz)"),
+    "augment": ("training.augment", "join datasets and spoil a share of them as real photometry is (errors, outliers), for training"),
     "train": ("training.train", "train the TD-CNN on a simulated dataset"),
     "evaluate": ("training.evaluate", "evaluate a trained model on held-out events"),
     "experiments": ("training.experiments", "cadence / noise / topology series: simulate, train, evaluate"),
