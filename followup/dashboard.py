@@ -204,7 +204,8 @@ def _check_services(settings, client) -> None:
         raise DashboardUnavailable(f"Redis at {mask_url(settings.redis.url)} does not answer: {exc} "
                                    "(`ulens services up` starts the local one)") from None
     try:
-        AdminClient(settings.kafka.client_config()).list_topics(timeout=10)
+        # log_level 0: the refused connections are said once, below, not logged per retry
+        AdminClient({**settings.kafka.client_config(), "log_level": 0}).list_topics(timeout=10)
     except KafkaException as exc:
         raise DashboardUnavailable(f"Kafka at {settings.kafka.bootstrap_servers} does not answer: {exc} "
                                    "(`ulens services up` starts the local one)") from None
