@@ -1,4 +1,4 @@
-"""An event's figure in matplotlib (``ulens events plot``, ``ulens evaluate --examples``):
+"""An event's figure in matplotlib (``ulens events plot``):
 three panels sharing the time axis, drawn from :func:`followup.lightcurve.series`.
 
 1. the light curve per band with error bars (detections filled, forced photometry open;

@@ -43,7 +43,7 @@ def browse(exe: str, url: str, screenshot: Path | None = None) -> str:
     """The page's DOM after its scripts ran (``--virtual-time-budget``: Chromium waits for
     the page's fetches and timers within that much page time); a screenshot when asked."""
     base = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-            "--virtual-time-budget=8000", "--window-size=1300,1100"]
+            "--virtual-time-budget=4000", "--window-size=1300,1100"]
     if screenshot is not None:
         proc = subprocess.run(base + [f"--screenshot={screenshot}", url], capture_output=True, text=True,
                               timeout=STEP_TIMEOUT_S)
@@ -125,7 +125,8 @@ def test_dashboard_in_a_browser_with_the_broker_running_and_stopped(services, tm
     for f in admin.create_topics([NewTopic(f"{tag}.alerts", 1, 1)]).values():
         f.result(30)          # made now, so the broker joins before the replay starts
     broker = Logged(["consume", *c, "--until-idle", "6"])
-    dash = Logged(["dashboard", *c, "--port", "0", "--refresh", "1"])
+    # a refresh slower than a page load: each page is drawn once within the browser's budget
+    dash = Logged(["dashboard", *c, "--port", "0", "--refresh", "30"])
     try:
         url = wait_for("the dashboard's address", lambda: dash.find(r"dashboard: (http://\S+)")
                        or (dash.proc.poll() is not None and pytest.fail(dash.text())))[1]
