@@ -23,12 +23,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="consumer group (default: a fresh one; nothing is committed)")
 
 
+def decode_trigger(codec, value: bytes) -> tuple[int, dict]:
+    """(schema id, record) of a trigger message; CodecError when it is not a trigger (the
+    dashboard's feed reads the topic through this too)."""
+    from schemas import CodecError
+
+    sid, rec = codec.decode(value)
+    if codec.kind_of(sid) != "trigger":
+        raise CodecError(f"schema id {sid} is a {codec.kind_of(sid)}, not a trigger")
+    return sid, rec
+
+
+def latency_ms(rec: dict) -> float:
+    """Alert produced -> trigger produced, in ms; meaningless when ``alertProducedUs`` <= 0
+    (the alert's production time is unknown: the trigger was decided late)."""
+    return (rec["triggerProducedUs"] - rec["alertProducedUs"]) / 1000.0
+
+
 def format_trigger(rec: dict) -> str:
     """Two lines per trigger: the facts, then its summary. A v1 trigger (no coordinates,
     no estimate, no summary) gets "-" for what it lacks."""
     g = rec.get
-    latency_ms = (rec["triggerProducedUs"] - rec["alertProducedUs"]) / 1000.0
-    latency = f"{latency_ms:.0f} ms" if rec["alertProducedUs"] > 0 else "- (decided late)"
+    latency = f"{latency_ms(rec):.0f} ms" if rec["alertProducedUs"] > 0 else "- (decided late)"
     where = (f"RA {g('ra'):.5f} Dec {g('dec'):+.5f}" if g("ra") is not None and g("dec") is not None
              else "RA - Dec -")
     point = (f"{g('band') or '?'} {g('mag'):.2f}+-{g('magErr'):.2f}" if g("mag") is not None
@@ -81,17 +97,14 @@ def run(args) -> int:
             if msg.error():
                 raise KafkaException(msg.error())
             try:
-                sid, rec = codec.decode(msg.value())
-                if codec.kind_of(sid) != "trigger":
-                    raise CodecError(f"schema id {sid} is a {codec.kind_of(sid)}, not a trigger")
+                sid, rec = decode_trigger(codec, msg.value())
             except CodecError as exc:
                 print(f"undecodable message at {msg.topic()}[{msg.partition()}]@{msg.offset()}: {exc}",
                       file=sys.stderr)
                 continue
             seen += 1
             if args.json:   # the whole record as decoded (v1 or v2), plus the latency
-                rec = dict(rec, schemaId=sid,
-                           latencyMs=(rec["triggerProducedUs"] - rec["alertProducedUs"]) / 1000.0)
+                rec = dict(rec, schemaId=sid, latencyMs=latency_ms(rec))
                 print(json.dumps(rec), flush=True)
             else:
                 print(format_trigger(rec), flush=True)

@@ -13,6 +13,9 @@ command -v mvn >/dev/null 2>&1 || need+=(maven)
 # kcat (Debian, BSD-2): the tests' producer of raw header bytes that confluent-kafka cannot write
 command -v kcat >/dev/null 2>&1 || need+=(kcat)
 command -v python3 >/dev/null 2>&1 || need+=(python3 python3-venv)
+# chromium (Debian, BSD-3 and others): the headless browser tests/integration/test_dashboard_browser.py
+# loads `ulens dashboard` in
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} with apt-get"
   $SUDO apt-get update -qq

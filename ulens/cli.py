@@ -15,7 +15,7 @@ import sys
 import textwrap
 
 # Exceptions raised by these packages print without a traceback (see exit_code_for).
-OWN_PACKAGES = {"ulens", "config", "schemas", "training", "replay", "broker"}
+OWN_PACKAGES = {"ulens", "config", "schemas", "training", "replay", "broker", "followup"}
 
 # name -> (module path, one-line help). Order is the order shown in `ulens --help`.
 # The help is repeated here so that `ulens --help` imports no command module.
@@ -31,7 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rekey": ("broker.cli_rekey", "re-produce an unkeyed alert stream (Rubin's) keyed by diaObjectId, bytes unchanged"),
     "consume": ("broker.cli_consume", "run the broker: alerts -> Redis light curves -> TD-CNN -> triggers"),
     "subscribe": ("broker.cli_subscribe", "print triggers as they arrive (the follow-up observer's view)"),
-    "events": ("broker.cli_events", "inspect an event's stored points, probabilities and trigger state"),
+    "events": ("followup.cli_events", "inspect an event's stored points, probabilities and trigger state; plot it"),
+    "dashboard": ("followup.dashboard", "local web page: triggers as they arrive, each event's light curve from Redis"),
     "report": ("broker.report", "score the trigger topic against a replay's ground truth: purity, decision time, latency"),
     "demo": ("ulens.demo", "the whole pipeline in minutes: services, simulate, replay + consume, report"),
     "bench": ("ulens.bench", "throughput and latency benchmarks, each against a baseline measured in the same run"),

@@ -192,7 +192,16 @@ def run(args: argparse.Namespace) -> int:
     print("\n" + final_lines(folder, args.rate))
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s; run folder {folder} "
           f"(report.json, plots/, truth.jsonl, config.yaml, replay.json, consumer_summary.json)")
+    print(dashboard_line(folder))
     return 0
+
+
+def dashboard_line(folder: Path) -> str:
+    """Where to look next: the dashboard over this run's trigger topic and Redis state."""
+    from followup.dashboard import DEFAULT_PORT
+
+    return (f"\nthe triggers and each event's light curve, in a browser: .venv/bin/ulens dashboard --config "
+            f"{folder / 'config.yaml'}  ->  http://127.0.0.1:{DEFAULT_PORT}/")
 
 
 def final_lines(folder: Path, rate) -> str:
