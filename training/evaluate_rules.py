@@ -173,6 +173,7 @@ def compare(model_dir, data, params: psplfit.Params, output, rate: float = 0.05,
                          if name == "tdcnn" else "the broker's per-point function, run offline"),
             "at_pspl_rates": matched["matched"],
             "detail_matched_rate": public(matched)}
+    result["either"] = either_rule(ds, events, run_td, run_pf)
     result["paired_decision_time"] = paired(ds, events, matched_all)
     result["completeness_vs_decision_time"] = {
         "x_tE": DT_GRID_TE.tolist(),
@@ -181,6 +182,56 @@ def compare(model_dir, data, params: psplfit.Params, output, rate: float = 0.05,
         result["plots"] = [plot_completeness(out / "completeness_vs_decision_time.png", curves, rate)]
     (out / "comparison.json").write_text(json.dumps(result, indent=2, default=_json) + "\n")
     return result
+
+
+def either_rule(ds, events, run_td, run_pf, rates=(0.05, 0.01)) -> dict:
+    """The two rules together (``consumer.rule: both``): an event is called binary at the
+    first trigger of either, at the pair of thresholds that finds the most detectable
+    binaries while at most ``rate`` of the PSPL events fire (either rule counts). The pair
+    is searched over every split of the allowed PSPL triggers between the rules (thresholds
+    fitted on these events: a matched-rate figure, as the others)."""
+    from training import decision, metrics
+    from training.evaluate import completeness_at_purity, onset_figures
+
+    labels = ds.label[events].astype(int)
+    det = metrics.detectable_mask(labels, ds.params["dchi2"][events]) & (labels == 1)
+    s_td = np.array([r[-1] if len(r) else -np.inf for r in run_td])
+    s_pf = np.array([r[-1] if len(r) else -np.inf for r in run_pf])
+    neg_td, neg_pf = np.sort(s_td[labels == 0])[::-1], np.sort(s_pf[labels == 0])[::-1]
+    n_neg = int((labels == 0).sum())
+    out: dict = {}
+    for rate in rates:
+        allowed = int(np.floor(rate * n_neg))
+        best = None
+        for k in range(allowed + 1):           # the TD-CNN may fire on its k highest PSPL
+            th_td = decision.threshold_for_false_rate(neg_td, k / n_neg) if k < n_neg else -np.inf
+            fired_td = s_td >= th_td
+            # the pspl-fit threshold: lowest with at most `allowed` PSPL firing in the union
+            cand = np.sort(s_pf[(labels == 0) & ~fired_td])[::-1]
+            room = allowed - int((fired_td & (labels == 0)).sum())
+            if room < 0:
+                continue
+            th_pf = float(np.nextafter(cand[room], np.inf)) if room < len(cand) else -np.inf
+            fired = fired_td | (s_pf >= th_pf)
+            rec = float(fired[det].mean()) if det.any() else 0.0
+            if best is None or rec > best[0]:
+                best = (rec, th_td, th_pf)
+        rec, th_td, th_pf = best
+        # the union's running score: an event's first trigger is the earlier rule's
+        running = [np.maximum(np.where(a >= th_td, 1.0, 0.0), np.where(b >= th_pf, 1.0, 0.0))
+                   for a, b in zip(run_td, run_pf)]
+        fired = np.array([r[-1] >= 1.0 if len(r) else False for r in running])
+        out[f"pspl_{int(rate * 100)}pct"] = {
+            "tdcnn_threshold": float(th_td), "pspl_fit_threshold": float(th_pf),
+            "pspl_firing_rate": float(fired[labels == 0].mean()), "recall_detectable": rec,
+            "onset": onset_figures(ds, events, running, 1.0)}
+    # purity / completeness of the union at the 1% pair
+    pair = out[f"pspl_{int(rates[-1] * 100)}pct"]
+    score = np.maximum(np.where(s_td >= pair["tdcnn_threshold"], 1.0, 0.0),
+                       np.where(s_pf >= pair["pspl_fit_threshold"], 1.0, 0.0))
+    on = (labels == 1) & np.isfinite(ds.params["onset"][events])
+    out["completeness_at_purity_at_1pct_pair"] = completeness_at_purity(labels, score, on)
+    return out
 
 
 def paired(ds, events, matched: dict) -> dict:
@@ -292,6 +343,15 @@ def render_comparison(r: dict) -> str:
                          f"{_f(o.get('fraction_triggered_before_t0_plus_tE'), '.3f'):>9}"
                          f"{_f(o.get('fraction_before_onset'), '.3f'):>13}{_f(o.get('median_delay_days'), '+.1f'):>14}"
                          f"{_f(o.get('median_delay_visits'), '+.0f'):>9}")
+    for key, m in r.get("either", {}).items():
+        if key.startswith("pspl_"):
+            o = m["onset"]
+            lines.append(f"{'either':<10}{_f(m['pspl_firing_rate'], '.3f'):>10}{_f(m['recall_detectable'], '.3f'):>15}"
+                         f"{_f(o.get('fraction_triggered'), '.3f'):>10}"
+                         f"{_f(o.get('fraction_triggered_before_t0_plus_tE'), '.3f'):>9}"
+                         f"{_f(o.get('fraction_before_onset'), '.3f'):>13}{_f(o.get('median_delay_days'), '+.1f'):>14}"
+                         f"{_f(o.get('median_delay_visits'), '+.0f'):>9}"
+                         f"   (tdcnn >= {m['tdcnn_threshold']:.4f}, pspl-fit >= {m['pspl_fit_threshold']:.1f})")
     for name, d in r["rules"].items():
         c = d["at_pspl_rates"]["completeness_at_purity"]
         lines.append(f"{name}: completeness (binaries with an onset) at purity {c['purity']:.2f}: "

@@ -429,6 +429,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-false-rate", type=float, default=TrainConfig.max_false_rate,
                    help="share of validation PSPL events allowed to fire at the chosen threshold")
     p.add_argument("--dilations", default="1,4,16", help="dilations of the three convolutions")
+    p.add_argument("--conv-channels", default=",".join(map(str, TrainConfig.conv_channels)),
+                   help="filters of the three convolutions (the thesis: 128,64,32; 64,32,16 trains "
+                        "3.5x faster on a CPU)")
     p.add_argument("--dropout", type=float, default=TrainConfig.dropout, help="dropout rate")
     p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay,
                    help="weight decay of the optimiser")
@@ -447,11 +450,18 @@ def run(args) -> int:
         raise TrainError(f"--dilations must be comma-separated integers, got {args.dilations!r}") from None
     if len(dil) != 3 or min(dil) < 1:
         raise TrainError("--dilations needs three positive integers")
+    try:
+        conv = tuple(int(v) for v in str(args.conv_channels).split(","))
+    except ValueError:
+        raise TrainError(f"--conv-channels must be comma-separated integers, got {args.conv_channels!r}") from None
+    if len(conv) != 3 or min(conv) < 1:
+        raise TrainError("--conv-channels needs three positive integers")
     cfg = TrainConfig(data=args.data, experiment_name=args.experiment_name, output_root=args.output_root,
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       patience=args.patience, seed=args.seed, device=args.device, max_minutes=args.max_minutes,
                       crop_length=args.crop_length, random_crop_fraction=args.random_crop_fraction,
                       target_chi2=args.target_chi2, max_false_rate=args.max_false_rate, dilations=dil,
+                      conv_channels=conv,
                       dropout=args.dropout, num_threads=args.num_threads, features=args.features,
                       progress=not args.no_progress,
                       command="ulens train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None)

@@ -1,9 +1,11 @@
 """`ulens demo`: the whole product on this machine in a few minutes.
 
-services up -> simulate N events (fixed seed) -> replay them at a steady rate the
-consumer sustains with headroom while the broker consumes them with the shipped model ->
-decision-time report, then the replay rate, the consumer's busy share and the alert ->
-trigger latency.
+services up -> simulate N events (fixed seed) through a survey profile (default: lsst,
+Rubin's bulge cadence in ugrizy) -> replay them (default: as Rubin's own lsst.v11_1
+packets) at a steady rate the consumer sustains with headroom while the broker consumes
+them with the model that serves that survey (``MODEL_FOR_SURVEY``: lsst -> the config's
+model.path, models/tdcnn-lsst; thesis -> models/tdcnn-baseline) -> decision-time report,
+then the replay rate, the consumer's busy share and the alert -> trigger latency.
 
 The rate: replayed as fast as Kafka takes them, alerts queue in front of the consumer
 and the latency the report gives is that queue's. ``--rate`` (default ``DEFAULT_RATE``
@@ -34,6 +36,9 @@ import config as cfg
 from replay.cli import positive_or_max
 
 DEFAULT_EVENTS = 150
+# the model each survey's demo runs unless --model says otherwise (README, "Which model");
+# None: the config's model.path
+MODEL_FOR_SURVEY = {"lsst": None, "thesis": "models/tdcnn-baseline"}
 DEFAULT_RATE = 2000.0       # alerts/s; measured in docs/BENCHMARKS.md, "Demo"
 # Rubin packets: ~280 packets/s sustained here (an lsst.v11_1 packet with a year of history
 # is ~8 KB; its Avro decode, ~2 ms, is most of the cost): docs/BENCHMARKS.md, "Demo"
@@ -55,8 +60,8 @@ class DemoError(RuntimeError):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events", type=int, default=DEFAULT_EVENTS,
                    help=f"number of simulated events, half single-lens and half binary (default "
-                        f"{DEFAULT_EVENTS}: ~1,200 alerts each, ~90-110 s of replay at the default rate; "
-                        f"more for a bigger run)")
+                        f"{DEFAULT_EVENTS}; lsst: ~25 Rubin packets each, ~40 s of replay at the "
+                        f"default rate; thesis: ~1,200 alerts each, ~90-110 s; more for a bigger run)")
     p.add_argument("--binary-params", default="baseline",
                    help="binary parameter set (baseline, distinct, planetary, stellar)")
     p.add_argument("--seed", type=int, default=20261127, help="simulation seed")
@@ -68,17 +73,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed", default="max",
                    help="replay speed in survey seconds per wall second, or 'max' (default: only "
                         "--rate paces the replay)")
-    p.add_argument("--survey", default="thesis", choices=("thesis", "lsst"),
-                   help="survey profile the events are drawn through (training/surveys/); lsst: "
-                        "Rubin's cadence in ugrizy (the shipped model was trained on thesis: on "
-                        "lsst it fires on most events until a model for that survey ships) "
-                        "(default: thesis)")
-    p.add_argument("--format", default="ulens", choices=("ulens", "rubin"), dest="alert_format",
-                   help="alert format the replay sends: ulens (our compact alert, one per point) or "
-                        "rubin (Rubin's lsst.v11_1 packet, one per 5-sigma detection with 365 days "
-                        "of history; needs `ulens rubin fetch-schemas`, which the set-up runs) "
-                        "(default: ulens)")
-    p.add_argument("--model", default=None, help="model artifact directory [config model.path]")
+    p.add_argument("--survey", default="lsst", choices=("lsst", "thesis"),
+                   help="survey profile the events are drawn through (training/surveys/): lsst = "
+                        "Rubin's bulge cadence in ugrizy; thesis = 1,500 even epochs in one band "
+                        "(the thesis' survey, ~1,200 alerts per event) (default: lsst)")
+    p.add_argument("--format", default=None, choices=("ulens", "rubin"), dest="alert_format",
+                   help="alert format the replay sends: rubin (Rubin's lsst.v11_1 packet, one per "
+                        "5-sigma detection with 365 days of history; needs `ulens rubin "
+                        "fetch-schemas`, which the set-up runs) or ulens (our compact alert, one per "
+                        "point) (default: rubin for lsst, ulens for thesis)")
+    p.add_argument("--model", default=None,
+                   help="model artifact directory (default: the one that serves --survey: lsst -> "
+                        "config model.path (models/tdcnn-lsst), thesis -> models/tdcnn-baseline)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="simulation workers")
     p.add_argument("--output", default="runs", help="folder under which the demo run folder is made")
     p.add_argument("--idle", type=float, default=10.0,
@@ -124,6 +130,10 @@ def _stage(name: str, argv: list[str]) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.events < 2:
         raise DemoError("--events must be at least 2")
+    if args.alert_format is None:
+        args.alert_format = "rubin" if args.survey == "lsst" else "ulens"
+    if args.model is None:
+        args.model = MODEL_FOR_SURVEY[args.survey]
     if args.rate is None:
         args.rate = DEFAULT_RATE_RUBIN if args.alert_format == "rubin" else DEFAULT_RATE
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -69,3 +69,26 @@ def test_both_rules_at_equal_pspl_firing_rate(data, capsys):
     assert len(cv["x_tE"]) == len(cv["pspl-fit"]["detectable"])
     assert np.all(np.diff(cv["pspl-fit"]["all_binaries"]) >= 0)
     assert (out / "completeness_vs_decision_time.png").read_bytes()[:8] == PNG
+
+
+def test_either_rule_splits_the_allowed_pspl_triggers_between_the_rules():
+    """Six PSPL (one each rule alone scores high) and four detectable binaries (the TD-CNN
+    sees two, the fit the other two): at 1/6 of PSPL allowed, one rule alone finds 2 of 4;
+    both together, with the one allowed false trigger given to either, find 3 of 4."""
+    from types import SimpleNamespace
+
+    labels = np.array([0] * 6 + [1] * 4)
+    td = [0.1, 0.9, 0.1, 0.1, 0.1, 0.1, 0.95, 0.97, 0.2, 0.2]
+    pf = [10, 10, 300, 10, 10, 10, 10, 10, 400, 500.0]
+    run_td = [np.array([0.0, v]) for v in td]
+    run_pf = [np.array([0.0, v]) for v in pf]
+    t = np.array([0.0, 1.0])
+    ds = SimpleNamespace(label=labels, params={"dchi2": np.where(labels == 1, 1000.0, np.nan),
+                                               "onset": np.where(labels == 1, 0.5, np.nan),
+                                               "t0": np.full(10, 0.8), "tE": np.full(10, 1.0)},
+                         event=lambda i: (t, None, None))
+    out = evaluate_rules.either_rule(ds, np.arange(10), run_td, run_pf, rates=(1 / 6,))
+    m = out["pspl_16pct"]
+    assert m["recall_detectable"] == pytest.approx(0.75) and m["pspl_firing_rate"] == pytest.approx(1 / 6)
+    assert m["onset"]["fraction_triggered"] == pytest.approx(0.75)
+    assert m["onset"]["median_delay_days"] == pytest.approx(0.5)     # fired at t = 1, onset 0.5
