@@ -59,12 +59,13 @@ def format_event(d: dict) -> str:
                      f"model {t['modelVersion']}")
         if t.get("summary"):     # schema v2 (an outbox written before v2 has none)
             lines.append(f"  {t['summary']}")
-    lines.append(f"{'index':>7} {'diaSourceId':>20} {'MJD':>14} {'band':>4} {'mag':>9} {'mag_err':>8} "
-                 f"{'P(binary)':>10}")
+    lines.append(f"{'index':>7} {'diaSourceId':>20} {'MJD':>14} {'band':>4} {'kind':>6} {'mag':>9} "
+                 f"{'mag_err':>8} {'P(binary)':>10}")
     for p in d["points"]:
         pb = "-" if p["p_binary"] is None else f"{p['p_binary']:.3f}"
+        kind = "forced" if p["forced"] else "det"
         lines.append(f"{p['index']:>7} {p['diaSourceId']:>20} {p['midpointMjdTai']:>14.5f} "
-                     f"{p['band'] or '?':>4} {p['mag']:>9.4f} {p['mag_err']:>8.4f} {pb:>10}")
+                     f"{p['band'] or '?':>4} {kind:>6} {p['mag']:>9.4f} {p['mag_err']:>8.4f} {pb:>10}")
     return "\n".join(lines)
 
 

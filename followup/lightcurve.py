@@ -3,11 +3,10 @@ and the one computation of what they draw (:func:`series`).
 
 Sources:
 
-* Redis (a live event): the broker's stored points with their P(binary)
-  (``broker.state.read_event``, what ``ulens events show --json`` prints) and its trigger
-  record. The stored record has no detection/forced flag (``broker.state.layout``:
-  ``RECORD`` keeps time, id, magnitude, error, band and P; ``KIND_HISTORY`` only travels in
-  the append script's input), so a Redis light curve's points are of unknown kind.
+* Redis (a live event): the broker's stored points with their P(binary) and kind
+  (``broker.state.read_event``, what ``ulens events show --json`` prints: ``forced`` for
+  a Rubin packet's forced photometry, else a detection; ``broker.state.layout``) and its
+  trigger record.
 * A dataset (``ulens simulate``): the event's visits, each flagged a 5-sigma detection
   (an alert) or not (forced photometry), scored offline by the model.
 * An archival file (``ulens replay --photometry``'s text table): measured points, no flag,
@@ -116,12 +115,11 @@ def from_event_view(d: dict, source: str, rule: Optional[dict] = None) -> LightC
         mag=np.array([p["mag"] for p in pts], dtype=np.float64),
         err=np.array([p["mag_err"] for p in pts], dtype=np.float64),
         band=np.array([p["band"] or UNKNOWN_BAND for p in pts], dtype=object),
-        detected=None,
+        detected=np.array([not p["forced"] for p in pts], dtype=bool),
         p_binary=np.array([np.nan if p["p_binary"] is None else p["p_binary"] for p in pts], dtype=np.float64),
         threshold=rule.get("threshold"), smooth_window=int(rule.get("smooth_window", decision.SMOOTH_WINDOW)),
         min_points=int(rule.get("min_points", decision.MIN_POINTS)),
         first_index=int(pts[0]["index"]) if pts else 0, trigger=trig)
-    lc.notes.append("Redis keeps no detection/forced flag: every stored point is drawn alike")
     if d.get("n_dropped"):
         lc.notes.append(f"{d['n_dropped']} oldest points dropped by the broker (redis.max_points)")
     return lc

@@ -96,8 +96,10 @@ def test_an_event_missing_from_the_dataset_is_named(tmp_path, capsys):
 
 def redis_view(n=40, triggered=True):
     t, mag, err = pspl_curve(n)
+    # every third point forced photometry (a Rubin packet's prvDiaForcedSources)
     pts = [{"index": 5 + i, "diaSourceId": 100 + i, "midpointMjdTai": float(t[i]), "band": "r",
-            "mag": float(mag[i]), "mag_err": float(err[i]), "p_binary": None if i >= n - 2 else 0.01 * i}
+            "forced": i % 3 == 0, "mag": float(mag[i]), "mag_err": float(err[i]),
+            "p_binary": None if i >= n - 2 else 0.01 * i}
            for i in range(n)]
     trig = {"midpointMjdTai": float(t[30]), "nPoints": 36, "probability": 0.5, "threshold": 0.31,
             "rule": "tdcnn", "summary": "binary candidate"} if triggered else None
@@ -107,11 +109,16 @@ def redis_view(n=40, triggered=True):
 def test_a_redis_view_becomes_a_light_curve_with_its_trigger_threshold():
     lc = lcm.from_event_view(redis_view(), "Redis 'x'", {"threshold": 0.9, "smooth_window": 5, "min_points": 10})
     assert lc.threshold == 0.31                          # the trigger's own threshold wins
-    assert lc.first_index == 5 and lc.trigger.index == 35 and lc.detected is None
+    assert lc.first_index == 5 and lc.trigger.index == 35
+    assert list(lc.detected) == [i % 3 != 0 for i in range(40)]          # Redis keeps the kind
     assert np.isnan(lc.p_binary[-2:]).all() and np.isfinite(lc.score()[:-2]).all()
-    assert any("dropped" in x for x in lc.notes) and any("no detection/forced flag" in x for x in lc.notes)
+    assert any("dropped" in x for x in lc.notes) and not any("flag" in x for x in lc.notes)
     s = lcm.series(lc, lcm.fit_pspl(lc))
     assert len(s.prob_t) == 38 and s.bands[0].band == "r" and s.bands[0].model_t is not None
+    assert list(s.bands[0].detected) == list(lc.detected)
+    fig = light_curve_figure(lc, lcm.fit_pspl(lc))
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "r detections (26)" in labels and "r forced (14)" in labels      # filled and open
     plain = lcm.from_event_view(redis_view(triggered=False), "Redis 'x'", None)
     assert plain.threshold is None and plain.trigger is None
 
