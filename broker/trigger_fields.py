@@ -32,9 +32,7 @@ import numpy as np
 
 from broker.state.layout import band_name, band_of
 from training import pspl
-
-K_MAG = math.log(10.0) / 2.5
-MIN_FIT_POINTS = 4          # training.pspl.fit_pspl_bands refuses fewer
+from training.pspl import K_MAG, MIN_FIT_POINTS
 
 
 @dataclass(frozen=True)
