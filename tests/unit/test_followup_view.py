@@ -176,3 +176,18 @@ def test_a_port_in_use_is_named():
     finally:
         taken.close()
     assert DashboardUnavailable.exit_code == cli.EXIT_UNAVAILABLE
+
+
+def test_events_show_prints_each_points_kind():
+    from broker import state as st
+    from followup.cli_events import format_event
+
+    recs = np.zeros(2, dtype=st.RECORD)
+    recs["t"], recs["mag"], recs["err"] = [61000.5, 61001.5], [19.0, 19.1], [0.05, 0.06]
+    recs["band"] = st.band_codes("ri", forced=[False, True])
+    recs["p"] = st.PROB_UNSCORED
+    h = st.parse_header(st.HEADER_FIXED.pack(st.VERSION, 5, 0, 0, 2, 0, 0, 1, 1, 61001.5, 0)
+                        + st.BANDS_BLOCK.pack(*[float("nan")] * st.N_SLOTS, *[0] * st.N_SLOTS) + bytes(20))
+    rows = format_event(st.EventView(3, h, 0, recs, 60, None, None).to_dict()).splitlines()[-3:]
+    assert rows[0].split()[4] == "kind"
+    assert rows[1].split()[3:5] == ["r", "det"] and rows[2].split()[3:5] == ["i", "forced"]
