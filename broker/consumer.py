@@ -501,7 +501,7 @@ class Broker:
                 w = res.window
                 jobs.append(Job(h.n_scored, res.start, w["t"].astype(np.float64),
                                 w["mag"].astype(np.float32), w["err"].astype(np.float32),
-                                h.references, w["band"].copy()))
+                                h.references, st.band_of(w["band"])))
                 owners.append((res, rows))
         if jobs:
             probs = self.scorer.score(jobs)

@@ -30,11 +30,9 @@ from typing import Optional
 
 import numpy as np
 
-from broker.state.layout import band_name
+from broker.state.layout import band_name, band_of
 from training import pspl
-
-K_MAG = math.log(10.0) / 2.5
-MIN_FIT_POINTS = 4          # training.pspl.fit_pspl_bands refuses fewer
+from training.pspl import K_MAG, MIN_FIT_POINTS
 
 
 @dataclass(frozen=True)
@@ -58,7 +56,7 @@ def _curve(recs):
     t = np.asarray(recs["t"], dtype=np.float64)
     m = np.asarray(recs["mag"], dtype=np.float64)
     e = np.asarray(recs["err"], dtype=np.float64)
-    _, dense = np.unique(np.asarray(recs["band"]), return_inverse=True)
+    _, dense = np.unique(band_of(recs["band"]), return_inverse=True)   # a band's forced points too
     m_ref = float(np.median(m))
     F = np.power(10.0, -0.4 * (m - m_ref))
     return t, F, K_MAG * e * F, dense.ravel(), m_ref
@@ -144,7 +142,7 @@ def coordinates(points, mine, source_id: int) -> tuple[Optional[float], Optional
 
 
 def n_bands(recs) -> int:
-    return int(len(np.unique(np.asarray(recs["band"])))) if len(recs) else 0
+    return int(len(np.unique(band_of(recs["band"])))) if len(recs) else 0
 
 
 # ------------------------------------------------------------------------- the record

@@ -82,7 +82,7 @@ class Points:
     mag: np.ndarray          # float32, from scienceFlux
     mag_err: np.ndarray      # float32, from scienceFluxErr
     produced_us: np.ndarray  # int64 alertProducedUs
-    band: np.ndarray         # uint8 band code (broker.state.band_codes)
+    band: np.ndarray         # uint8 band byte (broker.state.band_codes: code | FORCED)
     ra: np.ndarray           # float64 degrees (ICRS), of the alert
     dec: np.ndarray          # float64 degrees (ICRS)
     kind: Optional[np.ndarray] = None   # uint8 KIND_LIVE / KIND_HISTORY (None: all live)
@@ -141,11 +141,11 @@ def _brightness(src: dict) -> tuple[Optional[float], Optional[float]]:
     return diff, derr
 
 
-def _rubin_point(src: dict, source_id_field: str) -> dict:
+def _rubin_point(src: dict, source_id_field: str, forced: bool = False) -> dict:
     flux, err = _brightness(src)
     return {"diaSourceId": src[source_id_field], "midpointMjdTai": src["midpointMjdTai"],
             "band": src.get("band"), "scienceFlux": flux, "scienceFluxErr": err,
-            "psfFlux": src.get("psfFlux"), "psfFluxErr": src.get("psfFluxErr")}
+            "psfFlux": src.get("psfFlux"), "psfFluxErr": src.get("psfFluxErr"), "forced": forced}
 
 
 def rubin_alert(packet: dict) -> dict:
@@ -161,7 +161,8 @@ def rubin_alert(packet: dict) -> dict:
       the object's position: the visits without a detection), oldest first. A visit is
       its ``midpointMjdTai``; a detection wins over forced photometry of the same visit,
       so that a broker backfilled from history holds the points of one that saw every
-      alert. Forced sources are keyed by their ``diaForcedSourceId``.
+      alert. Forced sources are keyed by their ``diaForcedSourceId`` and marked
+      ``forced`` (stored with the band byte's ``FORCED`` bit); the others are detections.
     """
     ds = packet["diaSource"]
     obj = packet.get("diaObject") or {}
@@ -173,7 +174,7 @@ def rubin_alert(packet: dict) -> dict:
                  "alertProducedUs": 0})
     visits: dict = {}
     for f in packet.get("prvDiaForcedSources") or ():
-        visits[f["midpointMjdTai"]] = _rubin_point(f, "diaForcedSourceId")
+        visits[f["midpointMjdTai"]] = _rubin_point(f, "diaForcedSourceId", forced=True)
     for d in packet.get("prvDiaSources") or ():
         visits[d["midpointMjdTai"]] = _rubin_point(d, "diaSourceId")
     live["prvDiaSources"] = [visits[t] for t in sorted(visits)] if visits else None
@@ -243,8 +244,9 @@ def check_magnitudes(mag: np.ndarray, err: np.ndarray) -> list[Optional[Rejected
 
 
 def _history_rows(hist, before: float) -> tuple[list, dict]:
-    """The usable history points (diaSourceId, time, band, flux, flux error), oldest first,
-    strictly before the alert's own time; and what was left out, by reason."""
+    """The usable history points (diaSourceId, time, band, flux, flux error, forced), oldest
+    first, strictly before the alert's own time; and what was left out, by reason. A point
+    without a ``forced`` key (our compact alert's history) is a detection."""
     rows, skipped = [], {}
     for p in hist:
         f, e, t = p["scienceFlux"], p["scienceFluxErr"], p["midpointMjdTai"]
@@ -259,7 +261,7 @@ def _history_rows(hist, before: float) -> tuple[list, dict]:
         elif not t < before:
             why = "not_before_the_alert"
         if why is None:
-            rows.append((p["diaSourceId"], t, p["band"], f, e))
+            rows.append((p["diaSourceId"], t, p["band"], f, e, bool(p.get("forced", False))))
         else:
             skipped[why] = skipped.get(why, 0) + 1
     rows.sort(key=lambda r: r[1])
@@ -335,7 +337,7 @@ def validate_batch(codec, values: list, keys: list, max_mjd: Optional[float] = N
                      live.produced_us[ok], live.band[ok], live.ra[ok], live.dec[ok], None)
         return Batch(pts, [idx[j] for j in ok], rejected, skipped)
     # each good alert: its usable history points (oldest first), then its own point
-    hist_cols: list[list] = [[], [], [], [], []]       # id, time, band, flux, error
+    hist_cols: list[list] = [[], [], [], [], [], []]   # id, time, band, flux, error, forced
     hist_owner: list[int] = []                        # the alert row of each history point
     for j, c in enumerate(checks):
         if c is not None:
@@ -370,7 +372,7 @@ def validate_batch(codec, values: list, keys: list, max_mjd: Optional[float] = N
 
     pts = Points(live.object_id[al], pooled(live.source_id, hist_cols[0]), pooled(live.time, hist_cols[1]),
                  pooled(live.mag, hmag), pooled(live.mag_err, herr), live.produced_us[al],
-                 pooled(live.band, st.band_codes(hist_cols[2])), live.ra[al], live.dec[al],
+                 pooled(live.band, st.band_codes(hist_cols[2], hist_cols[5])), live.ra[al], live.dec[al],
                  np.where(is_live, st.KIND_LIVE, st.KIND_HISTORY).astype(np.uint8))
     return Batch(pts, [idx[j] for j in al], rejected, skipped)
 

@@ -2,7 +2,8 @@
 
 ``plot`` draws from Redis (a live event), or offline from a dataset (``--data``) or an
 archival text file (``--photometry``), both scored by the model as the broker would have
-scored them point by point (followup/lightcurve.py); the figure is followup/figure.py's.
+scored them point by point (training/event_figure.py, which also draws the figure;
+followup/lightcurve.py reads Redis).
 """
 from __future__ import annotations
 
@@ -59,12 +60,13 @@ def format_event(d: dict) -> str:
                      f"model {t['modelVersion']}")
         if t.get("summary"):     # schema v2 (an outbox written before v2 has none)
             lines.append(f"  {t['summary']}")
-    lines.append(f"{'index':>7} {'diaSourceId':>20} {'MJD':>14} {'band':>4} {'mag':>9} {'mag_err':>8} "
-                 f"{'P(binary)':>10}")
+    lines.append(f"{'index':>7} {'diaSourceId':>20} {'MJD':>14} {'band':>4} {'kind':>6} {'mag':>9} "
+                 f"{'mag_err':>8} {'P(binary)':>10}")
     for p in d["points"]:
         pb = "-" if p["p_binary"] is None else f"{p['p_binary']:.3f}"
+        kind = "forced" if p["forced"] else "det"
         lines.append(f"{p['index']:>7} {p['diaSourceId']:>20} {p['midpointMjdTai']:>14.5f} "
-                     f"{p['band'] or '?':>4} {p['mag']:>9.4f} {p['mag_err']:>8.4f} {pb:>10}")
+                     f"{p['band'] or '?':>4} {kind:>6} {p['mag']:>9.4f} {p['mag_err']:>8.4f} {pb:>10}")
     return "\n".join(lines)
 
 
@@ -96,7 +98,7 @@ def run(args) -> int:
 # --------------------------------------------------------------------------------- plot
 def plot(args, settings) -> int:
     from followup import lightcurve as lcm
-    from followup.figure import light_curve_figure, save_png
+    from training.event_figure import fit_pspl, light_curve_figure, save_png
 
     if args.data:
         lc = dataset_curve(args.data, args.object_id, settings, args.model, args.start_mjd, args.device)
@@ -106,7 +108,7 @@ def plot(args, settings) -> int:
         if args.object_id is None:
             raise lcm.LightCurveError("ulens events plot: give the event's diaObjectId (or --data/--photometry)")
         lc = redis_curve(settings, args.object_id)
-    fit = lcm.fit_pspl(lc)
+    fit = fit_pspl(lc)
     out = save_png(light_curve_figure(lc, fit), args.output or f"event_{lc.object_id}.png")
     print(f"wrote {out}: {len(lc)} points, "
           f"{'trigger at MJD %.3f' % lc.trigger.mjd if lc.trigger else 'no trigger'}, "
@@ -151,8 +153,8 @@ def dataset_curve(path, object_id, settings, model=None, start_mjd=None, device=
 
     from followup import lightcurve as lcm
     from training import dataset as dataset_mod
+    from training import event_figure
     from training.evaluate import event_probs
-    from training.survey import BAND_NAMES
 
     ds = dataset_mod.load(path).magnitudes_only()
     if object_id is None:
@@ -164,13 +166,8 @@ def dataset_curve(path, object_id, settings, model=None, start_mjd=None, device=
     i = int(hit[0])
     art = _artifact(settings, model, device)
     (probs,) = event_probs(art, ds, [i])
-    t, mag, err = ds.event(i)
     start = settings.replay.start_mjd if start_mjd is None else start_mjd
-    a, b = ds.offsets[i], ds.offsets[i + 1]
-    return lcm.offline(object_id, f"{Path(path).name}, label {'binary' if ds.label[i] else 'PSPL'}",
-                       start + np.asarray(t, dtype=np.float64), mag, err,
-                       np.asarray(BAND_NAMES, dtype=object)[ds.event_band(i)], ds.detected[a:b], probs,
-                       broker_rule(settings, art.card))
+    return event_figure.dataset_curve(ds, i, probs, broker_rule(settings, art.card), start, Path(path).name)
 
 
 def photometry_curve(path, object_id, settings, model=None, device="cpu"):
@@ -178,13 +175,13 @@ def photometry_curve(path, object_id, settings, model=None, device="cpu"):
     gives it unless ``object_id`` is given; its band the replay's (``replay.stream.BAND``)."""
     import numpy as np
 
-    from followup import lightcurve as lcm
     from replay.photometry_files import object_id_for, read_table
     from replay.stream import BAND
+    from training.event_figure import offline
 
     t, mag, err, _ = read_table(path)
     art = _artifact(settings, model, device)
     probs = art.predict(art.inputs(t, mag, err)[None])[0]
     oid = object_id_for(path) if object_id is None else object_id
-    return lcm.offline(oid, Path(path).name, t, mag, err, np.full(len(t), BAND, dtype=object), None, probs,
-                       broker_rule(settings, art.card))
+    return offline(oid, Path(path).name, t, mag, err, np.full(len(t), BAND, dtype=object), None, probs,
+                   broker_rule(settings, art.card))

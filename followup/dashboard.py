@@ -114,6 +114,7 @@ def create_app(feed, redis_client, prefix: str, refresh_s: float, topic: str):
     from broker.state import read_event
     from followup import lightcurve as lcm
     from followup.web_figure import light_curve_plotly
+    from training.event_figure import fit_pspl
 
     app = Flask(__name__, static_folder=None)     # its one static file is plotly.js, below
     app.jinja_env.filters.update(utc=_utc, fmt=_fmt)
@@ -162,7 +163,7 @@ def create_app(feed, redis_client, prefix: str, refresh_s: float, topic: str):
             hit = figures.get(key)
         if hit is None:
             lc = lcm.from_event_view(d, f"Redis {prefix!r}")
-            fit = lcm.fit_pspl(lc)
+            fit = fit_pspl(lc)
             hit = (light_curve_plotly(lc, fit), fit.summary() if fit else None)
             with figures_lock:
                 figures[key] = hit

@@ -1,7 +1,7 @@
-"""An event's figure in Plotly for the dashboard: the panels of followup/figure.py (light
+"""An event's figure in Plotly for the dashboard: the panels of training/event_figure.py (light
 curve per band with error bars, detections filled and forced points open, the PSPL fit
 and its forecast; residuals; P(binary), score and threshold; the trigger), drawn from the
-same :func:`followup.lightcurve.series`.
+same :func:`training.event_figure.series`.
 
 Plotly (MIT) because the page must zoom into a caustic crossing a follow-up team is
 deciding on, and plotly.js ships inside the Python package (``plotly.offline``), so the
@@ -13,8 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from followup.figure import TRIGGER_COLOUR, colour
-from followup.lightcurve import LightCurve, PsplCurve, series
+from training.event_figure import TRIGGER_COLOUR, LightCurve, PsplCurve, colour, series
 
 
 def _list(a) -> list:

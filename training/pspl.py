@@ -102,6 +102,8 @@ LN_TE_MIN, LN_TE_MAX = np.log(0.05), np.log(1e4)
 # the fit_pspl start grid
 U0_GRID = (0.003, 0.02, 0.08, 0.25, 0.8)
 TE_SCALES = (0.5, 1.0, 2.0)
+MIN_FIT_POINTS = 4              # fit_pspl_bands refuses fewer (3 parameters and a flux pair)
+K_MAG = np.log(10.0) / 2.5      # sigma_F = K_MAG sigma_m F: a magnitude error as a flux error
 
 
 # ----------------------------------------------------------------------- magnification
@@ -557,8 +559,8 @@ def fit_pspl_bands(t: np.ndarray, flux: np.ndarray, flux_err, band: np.ndarray, 
     w = np.ascontiguousarray(np.broadcast_to(1.0 / np.square(np.asarray(flux_err, dtype=np.float64)),
                                              F.shape))
     band = np.asarray(band, dtype=np.int64)
-    if t.size < 4:
-        raise ValueError(f"a PSPL fit needs at least 4 points, got {t.size}")
+    if t.size < MIN_FIT_POINTS:
+        raise ValueError(f"a PSPL fit needs at least {MIN_FIT_POINTS} points, got {t.size}")
     n_bands = int(band.max()) + 1
     masks = [band == b for b in range(n_bands)]
     masks = [m if m.any() else None for m in masks]

@@ -20,7 +20,7 @@ from broker.state import layout as L
 
 @dataclass
 class RefEvent:
-    records: list = field(default_factory=list)   # (t, id, mag, err, band) of the stored points
+    records: list = field(default_factory=list)   # (t, id, mag, err, band byte) of the stored points
     n_total: int = 0
     n_dropped: int = 0
     n_scored: int = 0

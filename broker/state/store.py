@@ -47,7 +47,7 @@ from broker.errors import BrokerError
 from broker.state.keys import event_key, event_pattern, trigger_key
 from broker.state.layout import (BAND_UNKNOWN, BANDS_BLOCK, EXACT_LIMIT, FLAG_TRIGGERED, HEADER_FIXED, INPUT, KIND_LIVE,
                                  N_SLOTS, PREFIX, PROB_SCALE, PROB_UNSCORED, RECORD, SCORE_PREFIX, VERSION, band_name,
-                                 header_size, lua_prelude, slot_name)
+                                 forced_of, header_size, lua_prelude, slot_name)
 
 
 def lua_script(name: str) -> str:
@@ -102,7 +102,8 @@ def parse_header(buf: bytes, offset: int = 0) -> Header:
 
 def pack_points(ids, times, mags, errs, bands=None, kinds=None) -> bytes:
     """The append script's input for points in order (``INPUT``: 26 bytes each);
-    ``bands`` u8 codes (:func:`band_codes`), unknown when not given; ``kinds``
+    ``bands`` u8 band bytes (:func:`band_codes`: the code and the ``FORCED`` bit of forced
+    photometry), unknown detections when not given; ``kinds``
     ``KIND_LIVE`` (default) or ``KIND_HISTORY`` per point."""
     a = np.empty(len(ids), dtype=INPUT)
     a["id"], a["t"], a["mag"], a["err"] = ids, times, mags, errs
@@ -205,7 +206,7 @@ class EventView:
             "trigger": self.trigger, "ttl_s": self.ttl_s,
             "points": [{"index": self.first_index + i, "diaSourceId": int(p["id"]),
                         "midpointMjdTai": float(p["t"]),
-                        "band": band_name(int(p["band"])),
+                        "band": band_name(int(p["band"])), "forced": bool(forced_of(p["band"])),
                         "mag": float(p["mag"]), "mag_err": float(p["err"]),
                         "p_binary": None if np.isnan(q) else round(float(q), 4)}
                        for i, (p, q) in enumerate(zip(self.points, probs))],

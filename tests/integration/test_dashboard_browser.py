@@ -166,13 +166,12 @@ def test_dashboard_in_a_browser_with_the_broker_running_and_stopped(services, tm
         assert proc.returncode == 0, proc.stderr
         assert png.read_bytes()[:8] == PNG and "trigger at MJD" in proc.stdout
         import config as cfg
-        from followup import lightcurve as lcm
         from followup.cli_events import redis_curve
-        from followup.figure import light_curve_figure
+        from training.event_figure import fit_pspl, light_curve_figure
 
         lc = redis_curve(cfg.load(str(conf)), oid)
-        assert len(lc) == n and lc.trigger is not None and lc.detected is None
-        fig = light_curve_figure(lc, lcm.fit_pspl(lc))
+        assert len(lc) == n and lc.trigger is not None and lc.detected.all()   # compact alerts: detections
+        fig = light_curve_figure(lc, fit_pspl(lc))
         assert [a.get_ylabel() for a in fig.axes] == ["magnitude", "data − PSPL\n[mag]", "P(binary)"]
     except BaseException:
         print(f"run folder {run}\n--- broker\n{broker.text()}\n--- dashboard\n{dash.text()}")

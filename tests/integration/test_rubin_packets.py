@@ -2,12 +2,13 @@
 
 * Rubin's sample packet of every supported schema version (from the fetched
   lsst-alert-packet files: diaObjectId only in its diaObject, no scienceFlux) is decoded by
-  the consumer and stored per band, its history included;
+  the consumer and stored per band, its history included (detections: no forced point);
 * history is used: a broker started after half of a stream of Rubin packets (the replay's
   ``--format rubin``) backfills each event from its packets' prvDiaForcedSources and
   prvDiaSources and decides on the second half exactly as a broker that saw it all: the
   same stored points, per-band references, triggers at the same points, probabilities
-  within ``training.model.PROB_TOLERANCE``.
+  within ``training.model.PROB_TOLERANCE``; the visits that were no detection are stored
+  as forced photometry (the band byte's FORCED bit), the others as detections.
 """
 from __future__ import annotations
 
@@ -51,6 +52,9 @@ def test_rubins_sample_packet_is_stored_per_band(services, topics, redis_client,
     assert [int(i) for i in view.points["id"]] == [d["diaSourceId"] for d in src]
     assert list(view.points["t"]) == [d["midpointMjdTai"] for d in src]
     assert [st.band_name(int(b)) for b in view.points["band"]] == [d["band"] for d in src]
+    # the sample's history is prvDiaSources only: every stored point is a detection
+    assert not st.forced_of(view.points["band"]).any()
+    assert not any(p["forced"] for p in view.to_dict()["points"])
     # no scienceFlux, no templateFlux in the sample: the difference flux's magnitude
     np.testing.assert_allclose(view.points["mag"], [njy_to_mag(d["psfFlux"]) for d in src], atol=1e-5)
     r = st.band_codes("r")[0]
@@ -114,6 +118,16 @@ def test_a_broker_started_mid_stream_backfills_and_decides_as_one_that_saw_it_al
     ev_b = {k: v for k, v in dump_b.items() if k.startswith(b"ev:")}
     assert ev_a.keys() == ev_b.keys() and len(ev_a) == ds.n_events
     assert_states_match(ev_a, ev_b, PROB_TOLERANCE)
+    # the stored kinds: the packets' visits (diaSourceId = event * 100000 + visit index)
+    # that were no detection came as prvDiaForcedSources and are stored forced
+    kinds = set()
+    for i in range(ds.n_events):
+        view = st.read_event(redis_client, pa, int(ds.event_id[i]))
+        visit = view.points["id"] % 100_000
+        forced = st.forced_of(view.points["band"])
+        assert list(forced) == list(~ds.detected[ds.offsets[i] + visit])
+        kinds.update(forced.tolist())
+    assert kinds == {False, True}
     # triggers at the same points (B decides a first-half trigger when it backfills)
     ta = {(t["diaObjectId"], t["diaSourceId"], t["nPoints"]) for t in triggers_in(sa, names["triggers"])}
     tb_ = {(t["diaObjectId"], t["diaSourceId"], t["nPoints"]) for t in triggers_in(sb, tb["triggers"])}

@@ -58,13 +58,15 @@ def test_append_script_follows_the_python_reference(redis_client, key_prefix, se
         batch = []
         for _ in range(int(rng.integers(1, 12))):
             kind = rng.choice(["new", "new", "new", "exact", "flux", "time", "conflict", "late",
-                               "history"],
-                              p=[0.28, 0.2, 0.14, 0.09, 0.06, 0.05, 0.05, 0.05, 0.08])
+                               "history", "kind"],
+                              p=[0.28, 0.2, 0.14, 0.09, 0.06, 0.05, 0.05, 0.05, 0.05, 0.03])
             if kind == "new" or not sent:
                 t_next += float(rng.uniform(0.01, 2.0))
                 sid_next += int(rng.integers(1, 5))
-                # mostly r and i, now and then u or an unknown band (a band that stays young)
-                band = int(rng.choice([0, 2, 3, 255], p=[0.05, 0.5, 0.4, 0.05]))
+                # mostly r and i, now and then u or an unknown band (a band that stays young);
+                # a third forced photometry (the band byte's FORCED bit: same band, same slot)
+                band = int(rng.choice([0, 2, 3, st.BAND_UNKNOWN], p=[0.05, 0.5, 0.4, 0.05])) | \
+                    (st.FORCED if rng.random() < 0.3 else 0)
                 p = (t_next, sid_next, np.float32(rng.uniform(17, 21)), np.float32(rng.uniform(0.01, 0.1)),
                      band, st.KIND_LIVE)
                 sent.append(p)
@@ -76,13 +78,15 @@ def test_append_script_follows_the_python_reference(redis_client, key_prefix, se
                 else:
                     t_next += float(rng.uniform(0.01, 1.0))
                     sid_next += int(rng.integers(1, 5))
-                    p = (t_next, sid_next, np.float32(rng.uniform(17, 21)), np.float32(0.05), 2,
-                         st.KIND_HISTORY)
+                    p = (t_next, sid_next, np.float32(rng.uniform(17, 21)), np.float32(0.05),
+                         2 | (st.FORCED if rng.random() < 0.5 else 0), st.KIND_HISTORY)
                     sent.append(p[:5] + (st.KIND_LIVE,))
             else:
                 old = sent[int(rng.integers(0, len(sent)))]
                 if kind == "exact":
                     p = old
+                elif kind == "kind":             # the same point re-sent as the other kind
+                    p = (old[0], old[1], old[2], old[3], old[4] ^ st.FORCED, st.KIND_LIVE)
                 elif kind == "flux":
                     p = (old[0], old[1], np.float32(old[2] + 0.01), old[3], old[4], st.KIND_LIVE)
                 elif kind == "time":
@@ -112,7 +116,7 @@ def test_append_script_follows_the_python_reference(redis_client, key_prefix, se
             if expect == st.TRIG_NEW:
                 store.mark_sent([oid])
         view = store.read(oid)
-        assert ref.stored(view) == model.records
+        assert ref.stored(view) == model.records      # the band bytes with their FORCED bits
         assert (view.header.n_total, view.header.n_dropped, view.header.n_scored) == \
             (model.n_total, model.n_dropped, model.n_scored)
         assert [None if r != r else float(r) for r in view.header.references] == model.references
@@ -122,6 +126,7 @@ def test_append_script_follows_the_python_reference(redis_client, key_prefix, se
         stored_p = {view.first_index + i: int(p) for i, p in enumerate(view.points["p"])
                     if p != st.PROB_UNSCORED}
         assert stored_p == {g: q for g, q in model.probs.items() if g >= model.n_dropped}
+    assert {r[4] & st.FORCED for r in model.records} == {0, st.FORCED}    # both kinds stored
     assert model.n_dropped > 0                  # the test did reach trimming, and every rule
     assert seen == set(b"".join([st.APPENDED, st.DUPLICATE, st.OUT_OF_ORDER, st.CONFLICT,
                                  st.DUPLICATE_UNVERIFIED, st.CHANGED, st.HISTORY]))
@@ -278,10 +283,13 @@ def test_the_default_ttl_outlasts_a_bulge_season_gap():
     assert r.trigger_ttl_s > r.event_ttl_s
 
 
-def test_a_state_of_the_old_layout_is_refused_with_a_clear_error(redis_client, key_prefix):
+@pytest.mark.parametrize("version", [1, 3])    # 3: the layout before the band byte's FORCED bit
+def test_a_state_of_the_old_layout_is_refused_with_a_clear_error(redis_client, key_prefix, version):
     from broker.errors import BrokerError
 
     store = store_for(redis_client, key_prefix)
-    redis_client.set(store.event_key(8), b"\x01\x05" + bytes(58))
-    with pytest.raises(BrokerError, match="version 1 .*redis.key_prefix"):
+    redis_client.set(store.event_key(8), bytes([version, 5]) + bytes(58))
+    with pytest.raises(BrokerError, match=f"version {version} .*redis.key_prefix"):
         store.append([8], [1], points([1], [60000.0], [19.0], [0.05]))
+    with pytest.raises(BrokerError, match=f"version {version}, this code reads version {st.VERSION}"):
+        store.read(8)

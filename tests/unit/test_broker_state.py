@@ -81,6 +81,24 @@ def test_pack_points_layout():
     assert list(st.band_codes(["u", "y", "x"])) == [0, 5, st.BAND_UNKNOWN]
 
 
+def test_the_band_byte_keeps_the_band_and_whether_the_point_is_forced():
+    # every band code (0..5, unknown) fits below the FORCED bit: one byte holds both
+    assert st.BAND_UNKNOWN & st.FORCED == 0 and st.BAND_UNKNOWN == st.BAND_MASK >= len(st.BANDS)
+    b = st.band_codes(["r", "r", "x", "y"], forced=[False, True, True, False])
+    assert list(b) == [2, 2 | st.FORCED, st.BAND_UNKNOWN | st.FORCED, 5]
+    assert list(st.band_of(b)) == [2, 2, st.BAND_UNKNOWN, 5]
+    assert list(st.forced_of(b)) == [False, True, True, False]
+    assert [st.band_name(x) for x in b] == ["r", "r", None, "y"]
+    assert [st.band_slot(x) for x in b] == [2, 2, st.SLOT_UNKNOWN, 5]
+    assert f"local BAND_MASK = {st.BAND_MASK}" in st.lua_script("append")
+    recs = np.zeros(2, dtype=st.RECORD)
+    recs["band"] = b[:2]
+    recs["p"] = st.PROB_UNSCORED
+    view = st.EventView(9, st.parse_header(_header(ntot=2, nsc=0)), 0, recs, 60, None, None)
+    pts = view.to_dict()["points"]
+    assert [(p["band"], p["forced"]) for p in pts] == [("r", False), ("r", True)]
+
+
 def test_quantized_probabilities():
     q = np.frombuffer(st.quantize_probs(np.array([0.0, 0.5, 1.0, 1.2])), np.uint8)
     assert list(q) == [0, 127, 254, 254]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from followup import lightcurve as lcm
-from followup.figure import light_curve_figure
+from training import event_figure as ef
+from training.event_figure import light_curve_figure
 from training import pspl
 from ulens import cli
 
@@ -52,7 +53,7 @@ def test_archival_figure_has_the_three_panels_and_the_fit(tmp_path):
 
     assert lc.object_id == object_id_for(f) and len(lc) == 160 and lc.detected is None
     assert np.isfinite(lc.p_binary).all() and lc.threshold is not None
-    fit = lcm.fit_pspl(lc)
+    fit = ef.fit_pspl(lc)
     assert fit.t0 == pytest.approx(T0, abs=1.0) and fit.tE == pytest.approx(TE, rel=0.15)
     fig = light_curve_figure(lc, fit)
     lc_ax, res_ax, p_ax = fig.axes
@@ -61,7 +62,7 @@ def test_archival_figure_has_the_three_panels_and_the_fit(tmp_path):
     assert "PSPL fit of the first 160 points" in lc_ax.get_title(loc="left")
     assert "no detection flag" in lc_ax.get_title(loc="left")
     # the residuals of a PSPL from its own fit are noise (0.02 mag here)
-    assert np.abs(lcm.series(lc, fit).bands[0].residual).max() < 0.12
+    assert np.abs(ef.series(lc, fit).bands[0].residual).max() < 0.12
     assert res_ax.yaxis_inverted() and len(res_ax.lines) >= 1
     assert any("threshold" in t.get_text() for t in p_ax.get_legend().get_texts())
 
@@ -82,7 +83,7 @@ def test_events_plot_of_a_dataset_event_tells_detections_from_forced_points(tmp_
 
     lc = dataset_curve(data, oid, config.load())
     assert lc.detected is not None and lc.detected.any() and (~lc.detected).any()
-    labels = [t.get_text() for t in light_curve_figure(lc, lcm.fit_pspl(lc)).axes[0].get_legend().get_texts()]
+    labels = [t.get_text() for t in light_curve_figure(lc, ef.fit_pspl(lc)).axes[0].get_legend().get_texts()]
     assert any("detections" in x for x in labels) and any("forced" in x for x in labels)
 
 
@@ -96,8 +97,10 @@ def test_an_event_missing_from_the_dataset_is_named(tmp_path, capsys):
 
 def redis_view(n=40, triggered=True):
     t, mag, err = pspl_curve(n)
+    # every third point forced photometry (a Rubin packet's prvDiaForcedSources)
     pts = [{"index": 5 + i, "diaSourceId": 100 + i, "midpointMjdTai": float(t[i]), "band": "r",
-            "mag": float(mag[i]), "mag_err": float(err[i]), "p_binary": None if i >= n - 2 else 0.01 * i}
+            "forced": i % 3 == 0, "mag": float(mag[i]), "mag_err": float(err[i]),
+            "p_binary": None if i >= n - 2 else 0.01 * i}
            for i in range(n)]
     trig = {"midpointMjdTai": float(t[30]), "nPoints": 36, "probability": 0.5, "threshold": 0.31,
             "rule": "tdcnn", "summary": "binary candidate"} if triggered else None
@@ -107,19 +110,24 @@ def redis_view(n=40, triggered=True):
 def test_a_redis_view_becomes_a_light_curve_with_its_trigger_threshold():
     lc = lcm.from_event_view(redis_view(), "Redis 'x'", {"threshold": 0.9, "smooth_window": 5, "min_points": 10})
     assert lc.threshold == 0.31                          # the trigger's own threshold wins
-    assert lc.first_index == 5 and lc.trigger.index == 35 and lc.detected is None
+    assert lc.first_index == 5 and lc.trigger.index == 35
+    assert list(lc.detected) == [i % 3 != 0 for i in range(40)]          # Redis keeps the kind
     assert np.isnan(lc.p_binary[-2:]).all() and np.isfinite(lc.score()[:-2]).all()
-    assert any("dropped" in x for x in lc.notes) and any("no detection/forced flag" in x for x in lc.notes)
-    s = lcm.series(lc, lcm.fit_pspl(lc))
+    assert any("dropped" in x for x in lc.notes) and not any("flag" in x for x in lc.notes)
+    s = ef.series(lc, ef.fit_pspl(lc))
     assert len(s.prob_t) == 38 and s.bands[0].band == "r" and s.bands[0].model_t is not None
+    assert list(s.bands[0].detected) == list(lc.detected)
+    fig = light_curve_figure(lc, ef.fit_pspl(lc))
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "r detections (26)" in labels and "r forced (14)" in labels      # filled and open
     plain = lcm.from_event_view(redis_view(triggered=False), "Redis 'x'", None)
     assert plain.threshold is None and plain.trigger is None
 
 
 def test_the_fit_is_causal_and_refuses_too_few_points():
     lc = lcm.from_event_view(redis_view(), "r", None)
-    assert lcm.fit_pspl(lc, n_points=3) is None
-    part = lcm.fit_pspl(lc, n_points=20)
+    assert ef.fit_pspl(lc, n_points=3) is None
+    part = ef.fit_pspl(lc, n_points=20)
     assert part.n_points == 20 and part.t_last == lc.t[19]
 
 
@@ -127,7 +135,7 @@ def test_the_web_figure_has_every_point_and_the_threshold():
     from followup.web_figure import light_curve_plotly
 
     lc = lcm.from_event_view(redis_view(), "r", None)
-    fig = light_curve_plotly(lc, lcm.fit_pspl(lc))
+    fig = light_curve_plotly(lc, ef.fit_pspl(lc))
     points = [tr for tr in fig["data"] if tr.get("mode") == "markers" and tr.get("yaxis", "y") == "y"]
     assert sum(len(tr["x"]) for tr in points) == len(lc)
     assert any("threshold" in str(a.get("text")) for a in fig["layout"]["annotations"])
@@ -168,3 +176,18 @@ def test_a_port_in_use_is_named():
     finally:
         taken.close()
     assert DashboardUnavailable.exit_code == cli.EXIT_UNAVAILABLE
+
+
+def test_events_show_prints_each_points_kind():
+    from broker import state as st
+    from followup.cli_events import format_event
+
+    recs = np.zeros(2, dtype=st.RECORD)
+    recs["t"], recs["mag"], recs["err"] = [61000.5, 61001.5], [19.0, 19.1], [0.05, 0.06]
+    recs["band"] = st.band_codes("ri", forced=[False, True])
+    recs["p"] = st.PROB_UNSCORED
+    h = st.parse_header(st.HEADER_FIXED.pack(st.VERSION, 5, 0, 0, 2, 0, 0, 1, 1, 61001.5, 0)
+                        + st.BANDS_BLOCK.pack(*[float("nan")] * st.N_SLOTS, *[0] * st.N_SLOTS) + bytes(20))
+    rows = format_event(st.EventView(3, h, 0, recs, 60, None, None).to_dict()).splitlines()[-3:]
+    assert rows[0].split()[4] == "kind"
+    assert rows[1].split()[3:5] == ["r", "det"] and rows[2].split()[3:5] == ["i", "forced"]

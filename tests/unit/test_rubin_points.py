@@ -92,6 +92,7 @@ def test_history_is_every_earlier_visit_once_a_detection_before_forced_photometr
     assert [(h["diaSourceId"], h["midpointMjdTai"], h["band"]) for h in hist] == \
         [(101, 61001.0, "r"), (103, 61003.0, "i"), (5, 61005.0, "r")]
     assert hist[2]["scienceFlux"] == 6000.0      # the detection's, as its own alert gave it
+    assert [h["forced"] for h in hist] == [True, True, False]
 
 
 def test_validate_batch_orders_history_then_the_alert_and_skips_bad_history(codec):
@@ -104,7 +105,8 @@ def test_validate_batch_orders_history_then_the_alert_and_skips_bad_history(code
     pts = batch.points
     assert not batch.rejected and batch.kept == [0, 0]
     assert list(pts.source_id) == [101, 10] and list(pts.kind) == [st.KIND_HISTORY, st.KIND_LIVE]
-    assert list(pts.band) == [2, 3] and list(pts.object_id) == [77, 77]
+    # r forced photometry (the band byte's FORCED bit), then the i detection
+    assert list(pts.band) == [2 | st.FORCED, 3] and list(pts.object_id) == [77, 77]
     assert pts.mag[1] == pytest.approx(njy_to_mag(5000.0), abs=1e-5)
     assert list(pts.produced_us) == [1_700_000_000_000_000] * 2    # the packet has no production time
     assert batch.history_skipped == {"no_flux": 1, "nonpositive_flux": 1, "not_before_the_alert": 1}

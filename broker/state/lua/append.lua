@@ -6,7 +6,7 @@
 -- KEYS[1..n] event keys P:ev:<id>, KEYS[n+1..2n] their trigger keys P:tr:<id>
 -- ARGV: K (reference points), RF (receptive field), max_points, event ttl, M, counts
 --       (u32 per event), points (IN_SIZE bytes each: f64 t | i64 diaSourceId | f32 mag |
---       f32 err | u8 band | u8 kind), exact_limit (bytes: values up to this size are
+--       f32 err | u8 band (bit 7: forced photometry; stored as it is) | u8 kind), exact_limit (bytes: values up to this size are
 --       rewritten whole), model tag (u32), trigger ttl
 local K = tonumber(ARGV[1])
 local RF = tonumber(ARGV[2])
@@ -36,6 +36,7 @@ end
 
 -- the same measurement: magnitude and error within 1e-5 mag (a re-delivery decoded on
 -- another machine may round the magnitude differently in the last bit) and the same band
+-- byte (band and kind: a detection re-sent as forced photometry is changed content)
 local function same_content(a, b)
   local ma, ea = struct.unpack('<ff', a, 17)
   local mb, eb = struct.unpack('<ff', b, 17)
@@ -43,8 +44,10 @@ local function same_content(a, b)
     and string.byte(a, BAND_OFF + 1) == string.byte(b, BAND_OFF + 1)
 end
 
--- header slot (1-based) of a band code: 0..5 ugrizy, anything else the unknown slot
+-- header slot (1-based) of a band byte: its code (the FORCED bit cleared) 0..5 ugrizy,
+-- anything else the unknown slot
 local function slot(code)
+  code = bit.band(code, BAND_MASK)
   if code < NBANDS then return code + 1 end
   return NSLOT
 end
