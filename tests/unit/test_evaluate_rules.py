@@ -72,14 +72,14 @@ def test_both_rules_at_equal_pspl_firing_rate(data, capsys):
 
 
 def test_either_rule_splits_the_allowed_pspl_triggers_between_the_rules():
-    """Six PSPL (one each rule alone scores high) and four detectable binaries (the TD-CNN
-    sees two, the fit the other two): at 1/6 of PSPL allowed, one rule alone finds 2 of 4;
-    both together, with the one allowed false trigger given to either, find 3 of 4."""
+    """Six PSPL (each rule scores one of them high) and four detectable binaries (the TD-CNN
+    sees two, the fit the other two, each one of them below its high PSPL): with one PSPL
+    trigger allowed, a rule alone finds 2 of 4, the two together 3 of 4."""
     from types import SimpleNamespace
 
     labels = np.array([0] * 6 + [1] * 4)
-    td = [0.1, 0.9, 0.1, 0.1, 0.1, 0.1, 0.95, 0.97, 0.2, 0.2]
-    pf = [10, 10, 300, 10, 10, 10, 10, 10, 400, 500.0]
+    td = [0.1, 0.9, 0.1, 0.1, 0.1, 0.1, 0.95, 0.85, 0.05, 0.05]
+    pf = [10, 10, 300, 10, 10, 10, 5, 5, 400, 250.0]
     run_td = [np.array([0.0, v]) for v in td]
     run_pf = [np.array([0.0, v]) for v in pf]
     t = np.array([0.0, 1.0])
