@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from training import physics
-from training.pspl import PsplFit, fit_pspl
+from training.pspl import MIN_FIT_POINTS, PsplFit, fit_pspl
 
 
 def detectability(t: np.ndarray, flux_model: np.ndarray, mag_err,
@@ -22,9 +22,6 @@ def detectability(t: np.ndarray, flux_model: np.ndarray, mag_err,
     ``fit_options`` go to ``fit_pspl``."""
     sigma_f = physics.mag_err_to_flux_err(flux_model, mag_err)
     return fit_pspl(t, flux_model, sigma_f, true_params=true_params, **fit_options)
-
-
-MIN_FIT_POINTS = 4
 
 
 def onset(t: np.ndarray, chi2_hindsight: np.ndarray, fit_first, threshold: float) -> int:

@@ -99,7 +99,7 @@ from training import pspl
 RULE = "pspl-fit"
 FORMAT_VERSION = 1
 PAD = 128                     # canonical padded lengths are multiples of this
-K_MAG = math.log(10.0) / 2.5  # sigma_F = K_MAG sigma_m F
+K_MAG = pspl.K_MAG             # sigma_F = K_MAG sigma_m F (one definition, training.pspl)
 
 LN_U0 = (math.log(1e-4), math.log(5.0))
 LN_TE = (math.log(0.5), math.log(2000.0))
