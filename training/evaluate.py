@@ -29,7 +29,8 @@ event score = running maximum of the causal 5-point mean of P(binary):
   completeness 0.883 at purity 0.90.
 
 Writes ``DIR/evaluation/evaluation_summary.json`` (or ``--output``) and PNGs (roc.png,
-decision_time.png, recall_vs_dchi2.png, early_detection.png); ``--json`` prints the summary.
+decision_time.png, recall_vs_dchi2.png, early_detection.png, and ``examples/``: a few
+events drawn as ``ulens events plot`` draws them); ``--json`` prints the summary.
 """
 from __future__ import annotations
 
@@ -320,7 +321,12 @@ def evaluate(model_dir, data, split: str = "test", early_detection: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     summary["output"] = str(out)
     if plots:
+        from training.event_figure import example_figures
+
         summary["plots"] = _plots(out, a, thr, summary.get("early_detection"))
+        # a few events drawn as `ulens events plot` draws them (early and missed binaries,
+        # false and quiet PSPL)
+        summary["examples"] = example_figures(art, ds, events, running, thr, out / "examples")
     (out / "evaluation_summary.json").write_text(json.dumps(summary, indent=2, default=_json) + "\n")
     return summary
 

@@ -78,6 +78,8 @@ def test_evaluate_summary_and_plots(trained):
     assert json.loads((out / "evaluation_summary.json").read_text())["n_events"] == s["n_events"]
     for png in ("roc.png", "decision_time.png", "recall_vs_dchi2.png", "early_detection.png"):
         assert (out / png).stat().st_size > 1000
+    assert s["examples"] and all(p.startswith(str(out / "examples")) and open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+                                 for p in s["examples"])
     assert [r["cut"] for r in s["early_detection"]][:6] == ["10%", "25%", "50%", "67%", "83%", "100%"]
     assert {"roc_auc", "pr_auc", "classification", "detectable", "recall_by_dchi2", "decision_time",
             "threshold_sweep"} <= set(s)
