@@ -443,19 +443,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
+def _three_ints(value, option: str) -> tuple[int, ...]:
+    """``--dilations``/``--conv-channels``: three positive integers, comma-separated."""
+    try:
+        v = tuple(int(x) for x in str(value).split(","))
+    except ValueError:
+        raise TrainError(f"{option} must be comma-separated integers, got {value!r}") from None
+    if len(v) != 3 or min(v) < 1:
+        raise TrainError(f"{option} needs three positive integers, got {value!r}")
+    return v
+
+
 def run(args) -> int:
-    try:
-        dil = tuple(int(v) for v in str(args.dilations).split(","))
-    except ValueError:
-        raise TrainError(f"--dilations must be comma-separated integers, got {args.dilations!r}") from None
-    if len(dil) != 3 or min(dil) < 1:
-        raise TrainError("--dilations needs three positive integers")
-    try:
-        conv = tuple(int(v) for v in str(args.conv_channels).split(","))
-    except ValueError:
-        raise TrainError(f"--conv-channels must be comma-separated integers, got {args.conv_channels!r}") from None
-    if len(conv) != 3 or min(conv) < 1:
-        raise TrainError("--conv-channels needs three positive integers")
+    dil = _three_ints(args.dilations, "--dilations")
+    conv = _three_ints(args.conv_channels, "--conv-channels")
     cfg = TrainConfig(data=args.data, experiment_name=args.experiment_name, output_root=args.output_root,
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       patience=args.patience, seed=args.seed, device=args.device, max_minutes=args.max_minutes,
