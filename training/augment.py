@@ -16,8 +16,9 @@ event draws one factor ``k`` from ``--scatter`` and its noise ``mag - mag_model`
 multiplied by ``k`` while ``mag_err`` stays as reported (errors understated when k > 1,
 overstated when k < 1); and each of its points becomes an outlier with probability
 ``--outlier-rate``: ``mag`` moves by ``±(3-10) mag_err`` (brighter or fainter alike).
-The fluxes are moved with the magnitudes (``sci_flux``, and ``diff_flux`` by the same
-flux), so the file stays consistent. ``mag_model``, ``mag_pspl`` and the parameters are
+Only points with ``mag_err <= MAX_ERR`` (0.5 mag) are touched. The fluxes are moved
+with the magnitudes (``sci_flux``, and ``diff_flux`` by the same flux), so the file
+stays consistent. ``mag_model``, ``mag_pspl`` and the parameters are
 the truth and do not change: the per-point training targets stay those of the clean
 light curve. The output's ``meta["augment"]`` records the settings and the seed.
 
@@ -33,6 +34,9 @@ from pathlib import Path
 import numpy as np
 
 HELP = "join datasets and add understated/overstated errors and outliers to a share of events (training only)"
+
+
+MAX_ERR = 0.5      # mag
 
 
 class AugmentError(ValueError):
@@ -69,7 +73,9 @@ def augment(ds, settings: Settings):
     chosen = rng.random(n) < settings.fraction
     k_event = np.where(chosen, rng.uniform(settings.scatter_min, settings.scatter_max, n), 1.0)
     k = np.repeat(k_event, lens)
-    on = np.repeat(chosen, lens) & np.isfinite(ds.mag)
+    # points measured to better than MAX_ERR only: a faint band's forced point of 2 mag
+    # error carries no signal, and 10 "sigma" of it would be a flux out of float32's range
+    on = np.repeat(chosen, lens) & np.isfinite(ds.mag) & (ds.mag_err <= MAX_ERR)
     mag = ds.mag.astype(np.float64)
     err = ds.mag_err.astype(np.float64)
     new = mag.copy()
