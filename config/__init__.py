@@ -200,7 +200,7 @@ class ServicesSettings:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    path: str = "models/tdcnn-baseline"
+    path: str = "models/tdcnn-lsst"
 
     @property
     def resolved(self) -> Path:
