@@ -197,7 +197,7 @@ def either_rule(ds, events, run_td, run_pf, rates=(0.05, 0.01)) -> dict:
     det = metrics.detectable_mask(labels, ds.params["dchi2"][events]) & (labels == 1)
     s_td = np.array([r[-1] if len(r) else -np.inf for r in run_td])
     s_pf = np.array([r[-1] if len(r) else -np.inf for r in run_pf])
-    neg_td, neg_pf = np.sort(s_td[labels == 0])[::-1], np.sort(s_pf[labels == 0])[::-1]
+    neg_td = np.sort(s_td[labels == 0])[::-1]
     n_neg = int((labels == 0).sum())
     out: dict = {}
     for rate in rates:
