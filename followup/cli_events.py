@@ -178,10 +178,13 @@ def photometry_curve(path, object_id, settings, model=None, device="cpu"):
     from replay.photometry_files import object_id_for, read_table
     from replay.stream import BAND
     from training.event_figure import offline
+    from training.survey import BAND_NAMES
 
     t, mag, err, _ = read_table(path)
     art = _artifact(settings, model, device)
-    probs = art.predict(art.inputs(t, mag, err)[None])[0]
+    # the band the broker stores for a replayed file: a v2 model reads it (one-hot)
+    code = np.full(len(t), BAND_NAMES.index(BAND), dtype=np.uint8)
+    probs = art.predict(art.inputs(t, mag, err, band=code)[None])[0]
     oid = object_id_for(path) if object_id is None else object_id
     return offline(oid, Path(path).name, t, mag, err, np.full(len(t), BAND, dtype=object), None, probs,
                    broker_rule(settings, art.card))

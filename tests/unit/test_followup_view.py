@@ -53,6 +53,15 @@ def test_archival_figure_has_the_three_panels_and_the_fit(tmp_path):
 
     assert lc.object_id == object_id_for(f) and len(lc) == 160 and lc.detected is None
     assert np.isfinite(lc.p_binary).all() and lc.threshold is not None
+    # scored as the broker scores the replayed file: in band i (the default model reads
+    # the band; scored without one, OGLE-2003-BLG-235's trigger moved by 420 days)
+    from replay.photometry_files import read_table
+    from training.artifact import load_artifact
+
+    art = load_artifact(config.load().model.resolved)
+    t, mag, err, _ = read_table(f)
+    want = art.predict(art.inputs(t, mag, err, band=np.full(len(t), 3, np.uint8))[None])[0]
+    np.testing.assert_allclose(lc.p_binary, want, atol=1e-6)
     fit = ef.fit_pspl(lc)
     assert fit.t0 == pytest.approx(T0, abs=1.0) and fit.tE == pytest.approx(TE, rel=0.15)
     fig = light_curve_figure(lc, fit)
