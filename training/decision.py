@@ -44,6 +44,13 @@ def first_trigger(probs, threshold: float, min_points: int = MIN_POINTS,
     return int(ok[0]) + max(min_points, 1) - 1 if len(ok) else None
 
 
+def first_crossing(running, threshold: float) -> int | None:
+    """First point where a running event score (:func:`running_score`, or any other rule's:
+    non-decreasing) reaches ``threshold``, or None: where that rule fires."""
+    j = int(np.searchsorted(running, threshold, side="left"))
+    return j if j < len(running) else None
+
+
 def running_score(probs, min_points: int = MIN_POINTS, smooth: int = SMOOTH_WINDOW) -> np.ndarray:
     """``out[j]`` = event score with data up to point j (-inf before ``min_points``)."""
     s = score(probs, smooth)

@@ -38,7 +38,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -105,12 +104,6 @@ def _stats(v: np.ndarray) -> dict:
     q = np.percentile(v, [10, 25, 50, 75, 90])
     return {"n": int(len(v)), "mean": float(v.mean()), "p10": float(q[0]), "p25": float(q[1]),
             "median": float(q[2]), "p75": float(q[3]), "p90": float(q[4])}
-
-
-def first_index(running: np.ndarray, thr: float) -> Optional[int]:
-    """First point where the running score reaches thr (running is non-decreasing)."""
-    j = int(np.searchsorted(running, thr, side="left"))
-    return j if j < len(running) else None
 
 
 def summarize(name: str, ds, events, running: list, thr: float, early_detection: bool = True,
@@ -180,9 +173,11 @@ MATCHED_RATES = (0.05, 0.01)
 
 def _first_trigger_times(ds, events, running, thr) -> tuple[np.ndarray, np.ndarray]:
     """(time, index) of each event's first trigger at ``thr``: NaN and -1 where none."""
+    from training.decision import first_crossing
+
     times, idx = np.full(len(events), np.nan), np.full(len(events), -1)
     for k, (i, r) in enumerate(zip(events, running)):
-        j = first_index(r, thr)
+        j = first_crossing(r, thr)
         if j is not None:
             times[k], idx[k] = ds.event(int(i))[0][j], j
     return times, idx
@@ -261,12 +256,8 @@ def matched_rate_figures(ds, events, running, scores, labels) -> dict:
 
 
 def _decision_days(ds, events, running, thr, t0) -> np.ndarray:
-    out = np.full(len(events), np.nan)
-    for k, (i, r) in enumerate(zip(events, running)):
-        j = first_index(r, thr)
-        if j is not None:
-            out[k] = ds.event(int(i))[0][j] - t0[k]
-    return out
+    """Days from t0 to each event's first trigger at ``thr`` (NaN: none)."""
+    return _first_trigger_times(ds, events, running, thr)[0] - t0
 
 
 def _early(ds, events, running, thr, labels, det, bin_det, t0, tE) -> list[dict]:

@@ -225,12 +225,9 @@ def either_rule(ds, events, run_td, run_pf, rates=(0.05, 0.01)) -> dict:
             "tdcnn_threshold": float(th_td), "pspl_fit_threshold": float(th_pf),
             "pspl_firing_rate": float(fired[labels == 0].mean()), "recall_detectable": rec,
             "onset": onset_figures(ds, events, running, 1.0)}
-    # purity / completeness of the union at the 1% pair
-    pair = out[f"pspl_{int(rates[-1] * 100)}pct"]
-    score = np.maximum(np.where(s_td >= pair["tdcnn_threshold"], 1.0, 0.0),
-                       np.where(s_pf >= pair["pspl_fit_threshold"], 1.0, 0.0))
+    # purity / completeness of the union at the last (1%) pair: its events fired or not
     on = (labels == 1) & np.isfinite(ds.params["onset"][events])
-    out["completeness_at_purity_at_1pct_pair"] = completeness_at_purity(labels, score, on)
+    out["completeness_at_purity_at_1pct_pair"] = completeness_at_purity(labels, fired.astype(float), on)
     return out
 
 
@@ -333,25 +330,18 @@ def render_comparison(r: dict) -> str:
               "detectability onset, over the binaries with an onset",
               f"{'rule':<10}{'PSPL fire':>10}{'recall Δχ²≥160':>15}{'triggered':>10}{'by t0+tE':>9}"
               f"{'before onset':>13}{'med delay [d]':>14}{'[visits]':>9}"]
+    def rate_row(name: str, m: dict) -> str:
+        o = m["onset"]
+        return (f"{name:<10}{_f(m['pspl_firing_rate'], '.3f'):>10}{_f(m['recall_detectable'], '.3f'):>15}"
+                f"{_f(o.get('fraction_triggered'), '.3f'):>10}"
+                f"{_f(o.get('fraction_triggered_before_t0_plus_tE'), '.3f'):>9}"
+                f"{_f(o.get('fraction_before_onset'), '.3f'):>13}{_f(o.get('median_delay_days'), '+.1f'):>14}"
+                f"{_f(o.get('median_delay_visits'), '+.0f'):>9}")
+
     for name, d in r["rules"].items():
-        for key, m in d["at_pspl_rates"].items():
-            if not key.startswith("pspl_"):
-                continue
-            o = m["onset"]
-            lines.append(f"{name:<10}{_f(m['pspl_firing_rate'], '.3f'):>10}{_f(m['recall_detectable'], '.3f'):>15}"
-                         f"{_f(o.get('fraction_triggered'), '.3f'):>10}"
-                         f"{_f(o.get('fraction_triggered_before_t0_plus_tE'), '.3f'):>9}"
-                         f"{_f(o.get('fraction_before_onset'), '.3f'):>13}{_f(o.get('median_delay_days'), '+.1f'):>14}"
-                         f"{_f(o.get('median_delay_visits'), '+.0f'):>9}")
-    for key, m in r.get("either", {}).items():
-        if key.startswith("pspl_"):
-            o = m["onset"]
-            lines.append(f"{'either':<10}{_f(m['pspl_firing_rate'], '.3f'):>10}{_f(m['recall_detectable'], '.3f'):>15}"
-                         f"{_f(o.get('fraction_triggered'), '.3f'):>10}"
-                         f"{_f(o.get('fraction_triggered_before_t0_plus_tE'), '.3f'):>9}"
-                         f"{_f(o.get('fraction_before_onset'), '.3f'):>13}{_f(o.get('median_delay_days'), '+.1f'):>14}"
-                         f"{_f(o.get('median_delay_visits'), '+.0f'):>9}"
-                         f"   (tdcnn >= {m['tdcnn_threshold']:.4f}, pspl-fit >= {m['pspl_fit_threshold']:.1f})")
+        lines += [rate_row(name, m) for key, m in d["at_pspl_rates"].items() if key.startswith("pspl_")]
+    lines += [rate_row("either", m) + f"   (tdcnn >= {m['tdcnn_threshold']:.4f}, pspl-fit >= "
+              f"{m['pspl_fit_threshold']:.1f})" for key, m in r.get("either", {}).items() if key.startswith("pspl_")]
     for name, d in r["rules"].items():
         c = d["at_pspl_rates"]["completeness_at_purity"]
         lines.append(f"{name}: completeness (binaries with an onset) at purity {c['purity']:.2f}: "

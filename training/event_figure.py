@@ -340,12 +340,6 @@ def save_png(fig, path, dpi: int = 110) -> Path:
 EXAMPLE_KINDS = ("early_binary", "missed_binary", "false_pspl", "quiet_pspl")
 
 
-def _first_at(r: np.ndarray, threshold: float) -> Optional[int]:
-    """First point where a running event score (non-decreasing) reaches ``threshold``."""
-    j = int(np.searchsorted(r, threshold, side="left"))
-    return j if j < len(r) else None
-
-
 def choose_examples(ds, events, running, threshold: float, n_per_kind: int = 2) -> dict:
     """{kind: [position in ``events``, ...]} of the evaluation's example events, at most
     ``n_per_kind`` each (a kind with no event is left out):
@@ -366,7 +360,7 @@ def choose_examples(ds, events, running, threshold: float, n_per_kind: int = 2) 
     labels = ds.label[events]
     dchi2 = np.asarray(ds.params["dchi2"], dtype=np.float64)[events]
     det_bin = metrics.detectable_mask(labels, dchi2) & (labels == 1)
-    fired = [_first_at(np.asarray(r), threshold) for r in running]
+    fired = [decision.first_crossing(np.asarray(r), threshold) for r in running]
     top = np.array([float(r[-1]) if len(r) else -np.inf for r in running])
     onset = np.asarray(ds.params["onset"], dtype=np.float64)[events]
     t0 = np.asarray(ds.params["t0"], dtype=np.float64)[events]
@@ -410,7 +404,7 @@ def example_figures(art, ds, events, running, threshold: float, out_dir, n_per_k
         i = int(events[k])
         lc = dataset_curve(ds, i, p, rule, source=kind.replace("_", " "))
         # the trigger is where the caller's running score (any rule's) crosses the threshold
-        j = _first_at(np.asarray(running[k]), threshold)
+        j = decision.first_crossing(np.asarray(running[k]), threshold)
         lc.trigger = None if j is None else Trigger(mjd=float(lc.t[j]), index=j,
                                                     probability=float(running[k][j]), threshold=float(threshold))
         path = out_dir / f"{kind}_{rank}_event{int(ds.event_id[i])}.png"
