@@ -32,7 +32,8 @@ import numpy as np
 
 from broker.state.layout import band_name, band_of
 from training import pspl
-from training.pspl import K_MAG, MIN_FIT_POINTS
+from training.photometry import K_MAG
+from training.pspl import MIN_FIT_POINTS
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ from typing import Optional
 import numpy as np
 
 from training import decision, pspl
-from training.pspl import K_MAG, MIN_FIT_POINTS
+from training.photometry import K_MAG
+from training.pspl import MIN_FIT_POINTS
 
 UNKNOWN_BAND = "?"
 GRID_POINTS = 600           # samples of each band's model curve

@@ -70,13 +70,14 @@ from typing import Optional
 
 import numpy as np
 
+from training.photometry import K_MAG
+
 CHANNELS_V1: tuple[str, ...] = ("dmag", "mag_err", "log_dt")
 CHANNELS_V2: tuple[str, ...] = ("dmag", "snr", "log_mag_err", "log_dt",
                                 "band_u", "band_g", "band_r", "band_i", "band_z", "band_y")
 FEATURE_SETS: dict[str, tuple[str, ...]] = {"v1": CHANNELS_V1, "v2": CHANNELS_V2}
 CHANNELS = CHANNELS_V1            # the default: the thesis models' set
 MIN_MAG_ERR = 1e-3
-_LN10_04 = 0.4 * np.log(10.0)
 REFERENCE_POINTS: int = 10
 N_BANDS = 6                       # u g r i z y
 N_SLOTS = N_BANDS + 1             # + one slot for any other band code
@@ -278,7 +279,7 @@ def build_features_batch(time, mag, mag_err, reference=None, prev_time=None,
     else:
         ef = np.maximum(e, MIN_MAG_ERR)
         out[..., 0] = dmag
-        out[..., 1] = np.arcsinh(-np.expm1(-_LN10_04 * dmag) / (_LN10_04 * ef))
+        out[..., 1] = np.arcsinh(-np.expm1(-K_MAG * dmag) / (K_MAG * ef))
         out[..., 2] = np.log(ef)
         out[..., 3] = np.log1p(dt)
         onehot = out[..., 4:]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 AB_ZEROPOINT_NJY = 31.4
-_K = np.log(10.0) / 2.5
+K_MAG = np.log(10.0) / 2.5      # sigma_F = K_MAG sigma_m F: a magnitude error as a flux error
 
 
 def mag_to_njy(mag, mag_err=None):
@@ -16,7 +16,7 @@ def mag_to_njy(mag, mag_err=None):
     flux = np.power(10.0, (AB_ZEROPOINT_NJY - np.asarray(mag, dtype=np.float64)) / 2.5)
     if mag_err is None:
         return flux
-    return flux, flux * _K * np.asarray(mag_err, dtype=np.float64)
+    return flux, flux * K_MAG * np.asarray(mag_err, dtype=np.float64)
 
 
 def njy_to_mag(flux, flux_err=None):
@@ -25,4 +25,4 @@ def njy_to_mag(flux, flux_err=None):
     mag = AB_ZEROPOINT_NJY - 2.5 * np.log10(flux)
     if flux_err is None:
         return mag
-    return mag, np.asarray(flux_err, dtype=np.float64) / (flux * _K)
+    return mag, np.asarray(flux_err, dtype=np.float64) / (flux * K_MAG)

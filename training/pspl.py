@@ -103,7 +103,6 @@ LN_TE_MIN, LN_TE_MAX = np.log(0.05), np.log(1e4)
 U0_GRID = (0.003, 0.02, 0.08, 0.25, 0.8)
 TE_SCALES = (0.5, 1.0, 2.0)
 MIN_FIT_POINTS = 4              # fit_pspl_bands refuses fewer (3 parameters and a flux pair)
-K_MAG = np.log(10.0) / 2.5      # sigma_F = K_MAG sigma_m F: a magnitude error as a flux error
 
 
 # ----------------------------------------------------------------------- magnification

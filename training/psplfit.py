@@ -94,12 +94,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from training import pspl
+from training import photometry, pspl
 
 RULE = "pspl-fit"
 FORMAT_VERSION = 1
 PAD = 128                     # canonical padded lengths are multiples of this
-K_MAG = pspl.K_MAG             # sigma_F = K_MAG sigma_m F (one definition, training.pspl)
+K_MAG = photometry.K_MAG        # sigma_F = K_MAG sigma_m F (one definition, training.photometry)
 
 LN_U0 = (math.log(1e-4), math.log(5.0))
 LN_TE = (math.log(0.5), math.log(2000.0))
