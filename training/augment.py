@@ -124,9 +124,6 @@ def run(args) -> int:
     parts = [dataset_mod.load(Path(f)) for f in args.data]
     joined = parts[0] if len(parts) == 1 else dataset_mod.concatenate(
         parts, meta=dict(parts[0].meta, joined=[str(f) for f in args.data]))
-    ids = joined.event_id
-    if len(np.unique(ids)) != len(ids):
-        raise AugmentError("--data: the files share event ids (simulate them with other seeds)")
     res = augment(joined, settings)
     res.save(args.output)
     a = res.meta["augment"]

@@ -289,7 +289,11 @@ def load(path: str | Path) -> Dataset:
 
 
 def concatenate(parts: list[Dataset], meta: dict | None = None) -> Dataset:
-    """Join datasets event-wise (event ids must stay unique)."""
+    """Join datasets event-wise; their event ids must stay unique (DatasetError)."""
+    ids = np.concatenate([p.event_id for p in parts]) if parts else np.zeros(0, np.int64)
+    if len(np.unique(ids)) != len(ids):
+        raise DatasetError("cannot concatenate datasets that share event ids (simulate them with "
+                           "other seeds: the id holds the seed)")
     lens = np.concatenate([p.lengths() for p in parts]) if parts else np.zeros(0, np.int64)
     offsets = np.zeros(len(lens) + 1, dtype=np.int64)
     np.cumsum(lens, out=offsets[1:])

@@ -52,3 +52,12 @@ def test_bad_settings_name_the_option():
         augment.Settings(fraction=1.5).check()
     with pytest.raises(augment.AugmentError, match="--scatter"):
         augment.Settings(scatter_min=2.0, scatter_max=1.0).check()
+
+
+def test_joining_files_that_share_event_ids_is_refused(tmp_path, capsys):
+    """The same simulation twice: the ids repeat, and the join says so before any work."""
+    from ulens import cli
+
+    f = _ds().save(tmp_path / "a.npz")
+    assert cli.main(["augment", "--data", str(f), str(f), "-o", str(tmp_path / "j.npz")]) == 3
+    assert "share event ids" in capsys.readouterr().err and not (tmp_path / "j.npz").exists()
