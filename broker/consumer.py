@@ -35,7 +35,7 @@ from broker.inference import Job, Scorer
 from broker.metrics import Interval, Metrics
 from broker.rule_psplfit import PsplFitRule, RuleCost, params_from_settings
 from broker.trigger_fields import as_latest
-from broker.triggers import Rule, decide_many, stored_curve, trigger_at
+from broker.triggers import decide_many, stored_curve, tdcnn_rule, trigger_at
 from broker.validate import (Rejected, append_outcomes, dead_letter, message_headers, mjd_now,
                              validate_batch)
 from broker.schema_registry import codec_for, resolve_ids
@@ -153,9 +153,7 @@ class Broker:
         self.group = settings.consumer_group(group)
         self.codec = codec_for(settings)     # + kafka.schema_registry for unknown ids
         self.artifact = artifact
-        dec = artifact.decision
-        self.rule = Rule("tdcnn", c.threshold if c.threshold is not None else artifact.threshold,
-                         c.min_points, int(dec.get("smooth_window", 5)))
+        self.rule = tdcnn_rule(c, artifact.card)
         self.summary = Summary()
         self.metrics = Metrics()
         self.assigned = threading.Event()

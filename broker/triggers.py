@@ -26,6 +26,14 @@ class Rule:
     smooth: int          # M, the moving-average window
 
 
+def tdcnn_rule(consumer, card: dict) -> Rule:
+    """The TD-CNN's rule as the broker runs it: ``consumer.threshold`` (None: the model
+    card's), ``consumer.min_points`` and the card's moving-average window."""
+    thr = consumer.threshold if consumer.threshold is not None else card["threshold"]
+    return Rule("tdcnn", float(thr), int(consumer.min_points),
+                int(card["decision"].get("smooth_window", decision.SMOOTH_WINDOW)))
+
+
 @dataclass(frozen=True)
 class Decision:
     fire: Optional[int]        # index into the new probabilities where the rule fires

@@ -133,12 +133,14 @@ def redis_curve(settings, object_id: int):
 
 
 def broker_rule(settings, card: dict | None = None) -> dict:
-    """The tdcnn decision the broker runs with these settings (followup.lightcurve.decision_of)."""
-    from followup.lightcurve import decision_of
+    """The tdcnn decision the broker runs with these settings (``broker.triggers.tdcnn_rule``),
+    as the figures take it: {threshold, smooth_window, min_points}."""
+    from broker.triggers import tdcnn_rule
 
     if card is None:        # an event that has not fired: the threshold is the model card's
         card = _artifact(settings, None, "cpu").card
-    return decision_of(card["decision"], settings.consumer.threshold, settings.consumer.min_points)
+    r = tdcnn_rule(settings.consumer, card)
+    return {"threshold": r.threshold, "smooth_window": r.smooth, "min_points": r.min_points}
 
 
 def _artifact(settings, model, device):

@@ -23,20 +23,9 @@ class LightCurveError(ValueError):
     exit_code = 3           # bad input (ulens/cli.py's table)
 
 
-def decision_of(card_decision: dict, threshold: Optional[float] = None,
-                min_points: Optional[int] = None) -> dict:
-    """{threshold, smooth_window, min_points} from a model card's ``decision`` and the
-    consumer's overrides (``consumer.threshold``, ``consumer.min_points``), as the broker
-    builds its rule."""
-    return {"threshold": float(card_decision["threshold"] if threshold is None else threshold),
-            "smooth_window": int(card_decision.get("smooth_window", decision.SMOOTH_WINDOW)),
-            "min_points": int(card_decision.get("min_points", decision.MIN_POINTS)
-                              if min_points is None else min_points)}
-
-
 def from_event_view(d: dict, source: str, rule: Optional[dict] = None) -> LightCurve:
     """A Redis event: ``d`` = ``broker.state.EventView.to_dict()``. ``rule``
-    (:func:`decision_of`) gives the threshold and smoothing; a tdcnn trigger's own
+    (``followup.cli_events.broker_rule``) gives the threshold and smoothing; a tdcnn trigger's own
     threshold wins (it is the one the event was decided with)."""
     pts = d["points"]
     rule = dict(rule or {})
