@@ -22,6 +22,7 @@ from broker.consumer import Broker, load_model
 from replay.photometry_files import load_files, object_id_for
 from tests.helpers import unique
 from tests.integration.test_consumer import triggers_in
+from training.photometry import K_MAG
 from training.pspl import fit_pspl, magnification
 from ulens import cli
 
@@ -36,7 +37,7 @@ BASELINE_A = 1.01
 def pspl_fit(t, mag, err):
     base = np.percentile(mag, 75)
     flux = 10.0 ** (-0.4 * (mag - base))
-    return fit_pspl(t, flux, flux * 0.4 * np.log(10.0) * err)
+    return fit_pspl(t, flux, flux * K_MAG * err)
 
 
 def on_baseline(fit, mjd: float) -> bool:
