@@ -10,6 +10,9 @@ import pytest
 from replay.stream import from_dataset, plan
 from training.dataset import PARAM_FIELDS, Dataset
 from ulens import bench, cli
+from ulens.bench import harness
+from ulens.bench.inference import inference_rows
+from ulens.bench.simulate import simulate_rows
 
 
 def tiny_dataset(lengths=(5, 3, 7, 4), seed=0) -> Dataset:
@@ -31,33 +34,33 @@ def tiny_dataset(lengths=(5, 3, 7, 4), seed=0) -> Dataset:
 
 
 def test_row_format_and_ratio():
-    r = bench.make_row("x.rate", 2000.0, "alerts/s", 100.0, note="n")
-    assert list(r)[:5] == list(bench.ROW_KEYS)
+    r = harness.make_row("x.rate", 2000.0, "alerts/s", 100.0, note="n")
+    assert list(r)[:5] == list(harness.ROW_KEYS)
     assert r["ratio"] == 20.0 and r["note"] == "n"
-    r = bench.make_row("x", 1.0, "ms")
+    r = harness.make_row("x", 1.0, "ms")
     assert r["baseline"] is None and r["ratio"] is None
-    r = bench.make_row("x", float("nan"), "ms", 0.0)
+    r = harness.make_row("x", float("nan"), "ms", 0.0)
     assert r["value"] is None and r["ratio"] is None
     json.dumps(r, allow_nan=False)
 
 
 def test_context_row_and_table():
-    before = bench.machine_context()
+    before = harness.machine_context()
     for key in ("nproc", "loadavg", "torch_threads", "date_utc"):
         assert key in before
-    rows = [bench.context_row(before, bench.machine_context()),
-            bench.make_row("inference.cpu.windowed.b1", 1234.5, "events/s", 100.0)]
+    rows = [harness.context_row(before, harness.machine_context()),
+            harness.make_row("inference.cpu.windowed.b1", 1234.5, "events/s", 100.0)]
     ctx = rows[0]["context"]
     assert rows[0]["name"] == "context" and "loadavg_before" in ctx and "loadavg_after" in ctx
     json.dumps(rows, allow_nan=False)
-    table = bench.format_table(rows)
+    table = harness.format_table(rows)
     assert "inference.cpu.windowed.b1" in table and "12.35" in table and "nproc" in table
 
 
 def test_first_alerts_is_the_replay_order_prefix():
     ds = tiny_dataset()
     n = 9
-    cut = bench.first_alerts(ds, n)
+    cut = harness.first_alerts(ds, n)
     assert len(cut.time) == n
     full = plan(from_dataset(ds, 61000.0))
     part = plan(from_dataset(cut, 61000.0))
@@ -66,16 +69,16 @@ def test_first_alerts_is_the_replay_order_prefix():
     got = [(int(cut.event_id[e]), float(m)) for e, m in zip(part.event, part.mjd)]
     assert got == want
     with pytest.raises(ValueError):
-        bench.first_alerts(ds, len(ds.time) + 1)
+        harness.first_alerts(ds, len(ds.time) + 1)
 
 
 def test_drop_first_and_tiled_events():
     ds = tiny_dataset()
-    d = bench.drop_first(ds, 4)
+    d = harness.drop_first(ds, 4)
     assert d.lengths().tolist() == [1, 3]          # events with 5 and 7 points keep 1 and 3
     assert d.event_id.tolist() == [100, 102]
     np.testing.assert_array_equal(d.time[:1], ds.time[4:5])
-    t = bench.tiled_events(ds, 10, 4, id_base=5000)
+    t = harness.tiled_events(ds, 10, 4, id_base=5000)
     assert t.n_events == 10 and set(t.lengths()) == {4}
     assert len(set(t.event_id.tolist())) == 10
     t.validate()
@@ -87,7 +90,7 @@ def test_inference_rows_small(tmp_path):
     art = make_artifact(tmp_path / "art", seed=1)
     rng = np.random.default_rng(0)
     x = np.stack([art.inputs(*light_curve(rng, 120)) for _ in range(3)])
-    rows = bench.inference_rows(art, x, [1, 4], 0.01, "cpu")
+    rows = inference_rows(art, x, [1, 4], 0.01, "cpu")
     names = [r["name"] for r in rows]
     assert names == ["inference.cpu.full.b1", "inference.cpu.windowed.b1",
                      "inference.cpu.full.b4", "inference.cpu.windowed.b4"]
@@ -96,17 +99,17 @@ def test_inference_rows_small(tmp_path):
 
 
 def test_simulate_rows_small():
-    rows = bench.simulate_rows(n_binary=1, n_pspl=2, seed=5, workers=0)
+    rows = simulate_rows(n_binary=1, n_pspl=2, seed=5, workers=0)
     names = [r["name"] for r in rows]
     assert names == ["simulate.binary", "simulate.binary.vbm_plus_dchi2_fit", "simulate.pspl"]
     assert all(r["value"] > 0 and r["baseline"] > 0 for r in rows)
 
 
 def test_helpers():
-    rate, done, secs = bench.timed_rate(lambda: 10, 0.0)
+    rate, done, secs = harness.timed_rate(lambda: 10, 0.0)
     assert done == 10 and rate > 0
-    assert bench.percentiles([]) == [None, None]
-    assert bench.percentiles([1.0, 2.0, 3.0], (50,)) == [2.0]
+    assert harness.percentiles([]) == [None, None]
+    assert harness.percentiles([1.0, 2.0, 3.0], (50,)) == [2.0]
     assert bench._sizes("1,16, 256") == [1, 16, 256]
     with pytest.raises(argparse.ArgumentTypeError):
         bench._sizes("0,2")

@@ -1,0 +1,204 @@
+"""`ulens bench consumer`: the broker's throughput (young and warm events), the naive
+consumer's on the same stream, and latency at a fixed offered rate against the no-op floor."""
+from __future__ import annotations
+
+import cProfile
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ulens.bench.baselines import NaiveConsumer, NoopConsumer
+from ulens.bench.harness import (Run, load_dataset, profile_report, timed_broker_class,
+    cached_dataset, cached_derived, drop_first, first_alerts, log, make_row, percentiles,
+    read_topic, run_codec, warm_state)
+
+
+def bench_consumer(run: Run, a) -> list[dict]:
+    from broker.consumer import load_model
+
+    TimedBroker = timed_broker_class()
+    rows: list[dict] = []
+    full = cached_dataset(run.cache, a.events, a.seed, a.workers)
+    stream = cached_derived(Path(str(full).replace(".npz", f"_first{a.alerts}.npz")),
+                            lambda: first_alerts(load_dataset(full), a.alerts))
+    sds = load_dataset(stream)
+    n = len(sds.time)
+    lens = sds.lengths()
+    log(f"stream: {n} alerts over {sds.n_events} events ({lens.min()}..{lens.max()} points each, "
+        f"survey days {sds.time.min():.1f}..{sds.time.max():.1f})")
+    artifact = load_model(run.settings)
+
+    # 1. throughput: pre-produce, then one broker from start to the last commit
+    topic = run.topic("consumer.alerts")
+    rep = run.replay(stream, topic)
+    log(f"pre-produced {rep['counts']['alerts_delivered']} alerts to {topic} "
+        f"({rep['kafka']['partitions']} partitions) at {rep['alerts_per_s']:,.0f} alerts/s")
+    s1 = run.broker_settings(topic, "consumer")
+    t_make = time.perf_counter()
+    broker = TimedBroker(s1, artifact, topic=topic)
+    prof = cProfile.Profile() if a.profile else None
+    log(f"consumer: throughput run over {n} alerts")
+    if prof:
+        prof.enable()
+    summary = broker.run(until_idle=60.0, max_alerts=n)
+    if prof:
+        prof.disable()
+    t_end = time.perf_counter()
+    if summary.alerts != n:
+        raise RuntimeError(f"consumer read {summary.alerts} of {n} alerts")
+    busy = broker.t_last - broker.t_first
+    rate = n / busy
+    trig_msgs = read_topic(run.client, s1.kafka.topics.triggers)
+    dlq = sum(summary.dead_letters.values())
+    log(f"consumer: {n} alerts in {busy:.2f} s = {rate:,.0f} alerts/s; {summary.triggers} triggers "
+        f"({len(trig_msgs)} on the topic), {dlq} dead letters; with startup {t_end - t_make:.2f} s")
+    sizes = np.array([b for b, _ in broker.batches])
+    if prof:
+        profile_report(prof, Path(a.profile) / "consumer_throughput.prof" if a.profile != "-" else None)
+
+    # 1b. steady state: the same number of alerts after each event's first --warm-points
+    # points, which are put into Redis (with their probabilities) beforehand
+    steady = None
+    if a.warm_points:
+        from broker import state as st
+
+        w = a.warm_points
+        sstream = cached_derived(Path(str(full).replace(".npz", f"_from{w}_first{a.warm_alerts}.npz")),
+                                 lambda: first_alerts(drop_first(load_dataset(full), w), a.warm_alerts))
+        wds = load_dataset(sstream)
+        stopic = run.topic("steady.alerts")
+        run.replay(sstream, stopic)
+        s2 = run.broker_settings(stopic, "steady")
+        sb = TimedBroker(s2, artifact, topic=stopic)
+        log(f"consumer: warming {wds.n_events} events with {w} points each in Redis")
+        store = st.EventStore(sb.store.r, s2.redis.key_prefix, s2.redis.event_ttl_s, s2.redis.max_points,
+                              reference_points=int(artifact.card["reference_points"]),
+                              receptive_field=artifact.receptive_field, smooth_window=sb.rule.smooth)
+        full_ds = load_dataset(full)
+        keep_ids = np.isin(full_ds.event_id, wds.event_id)
+        warm_state(store, artifact, full_ds.subset(np.flatnonzero(keep_ids)), w,
+                   run.settings.replay.start_mjd, sb.rule)
+        del full_ds
+        wl = wds.lengths()
+        log(f"consumer: steady-state run over {len(wds.time)} alerts (points {w}..{w + wl.max() - 1})")
+        sprof = cProfile.Profile() if a.profile else None
+        if sprof:
+            sprof.enable()
+        ss = sb.run(until_idle=60.0, max_alerts=len(wds.time))
+        if sprof:
+            sprof.disable()
+            profile_report(sprof, Path(a.profile) / "consumer_warm.prof" if a.profile != "-" else None,
+                            what="warm")
+        if ss.alerts != len(wds.time):
+            raise RuntimeError(f"steady run read {ss.alerts} of {len(wds.time)} alerts")
+        sbusy = sb.t_last - sb.t_first
+        steady = (len(wds.time) / sbusy, sbusy, ss, wds.n_events, wl)
+        log(f"consumer: steady state {steady[0]:,.0f} alerts/s, {ss.triggers} triggers, "
+            f"{sum(ss.dead_letters.values())} dead letters")
+
+    # 2. the naive consumer on a smaller stream: the first events of the same cut
+    n_rate, naive_note = None, "no naive run (--naive-alerts 0)"
+    if a.naive_alerts > 0:
+        k = int(np.searchsorted(np.cumsum(lens), a.naive_alerts) + 1)
+        k = min(k, sds.n_events)
+        n_naive = int(lens[:k].sum())
+        ntopic = run.topic("naive.alerts")
+        run.replay(stream, ntopic, ["--limit-events", str(k)])
+        nconf = run.broker_settings(ntopic, "naive")
+        naive = NaiveConsumer(nconf, artifact, ntopic, nconf.kafka.topics.triggers,
+                              nconf.consumer.group, nconf.redis.key_prefix)
+        log(f"naive consumer: {n_naive} alerts of the first {k} events")
+        naive.run(n_naive)
+        n_rate = naive.alerts / (naive.t_last - naive.t_first)
+        log(f"naive consumer: {n_rate:,.1f} alerts/s, {naive.triggers} triggers")
+        naive_note = (f"baseline: naive consumer (per message: whole curve from Redis, full-length "
+                      f"model, commit) on {n_naive} alerts of {k} events of the same stream, "
+                      f"{naive.triggers} triggers")
+
+    rows.append(make_row("consumer.throughput", rate, "alerts/s", n_rate,
+                         note=f"{n} alerts, {sds.n_events} events ({lens.min()}-{lens.max()} points), "
+                              f"first batch to last commit {busy:.2f} s, {summary.triggers} triggers, "
+                              f"{dlq} dead letters, {len(sizes)} batches (mean {sizes.mean():.0f} "
+                              f"alerts); {naive_note}",
+                         target=">= 10,000 alerts/s, >= 20x naive"))
+    rows.append(make_row("consumer.throughput_incl_startup", n / (t_end - t_make), "alerts/s", rate,
+                         note=f"from Broker() (Kafka group join) to close: {t_end - t_make:.2f} s; "
+                              "baseline: consumer.throughput (first batch to last commit)"))
+    if steady is not None:
+        srate, sbusy, ss, sev, wl = steady
+        rows.append(make_row("consumer.throughput_warm", srate, "alerts/s", rate,
+                             note=f"{int(wl.sum())} alerts of {sev} events whose first "
+                                  f"{a.warm_points} points (and probabilities) were already in "
+                                  f"Redis: points {a.warm_points}..{a.warm_points + wl.max() - 1}, "
+                                  f"every window a tail window of the receptive field; {sbusy:.2f} s, "
+                                  f"{ss.triggers} triggers; baseline: consumer.throughput (young "
+                                  "events, same run)"))
+
+    # 3. latency at a fixed offered rate, a replay running concurrently
+    lt = run.topic("latency.alerts")
+    s3 = run.broker_settings(lt, "latency")
+    k_lat = a.latency_events or min(sds.n_events, int(np.searchsorted(
+        np.cumsum(lens), a.rate * a.latency_seconds) + 1))
+    limit = ["--limit-events", str(k_lat)]
+    n_lat = int(lens[:k_lat].sum())
+    lb = TimedBroker(s3, artifact, topic=lt, record_latency=True)
+    floor = NoopConsumer(run.settings, lt, run.group("latency.noop"))
+    res: dict = {}
+    th = threading.Thread(target=lambda: res.__setitem__("s", lb.run(max_alerts=n_lat)), daemon=True)
+    tf = threading.Thread(target=floor.run, args=(n_lat,), daemon=True)
+    th.start()
+    tf.start()
+    if not (lb.assigned.wait(60) and floor.assigned.wait(60)):
+        lb.stop()
+        floor.stop.set()
+        raise RuntimeError("latency run: no partition assignment within 60 s")
+    log(f"latency: replay of {n_lat} alerts at --rate {a.rate:g} while the broker consumes")
+    proc = run.replay(stream, lt, ["--rate", str(a.rate), *limit], popen=True)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        lb.stop()
+        floor.stop.set()
+        raise RuntimeError(f"latency replay failed: {err.strip()[-2000:]}")
+    rep3 = json.loads(proc.report_path.read_text())
+    th.join(120)
+    tf.join(30)
+    if th.is_alive():
+        lb.stop()
+        th.join(30)
+        raise RuntimeError(f"latency run: broker processed {lb.summary.alerts} of {n_lat} alerts")
+    floor.stop.set()
+    lat = np.concatenate(lb.latency_ms) if lb.latency_ms else np.zeros(0)
+    flat = np.concatenate(floor.latency_ms) if floor.latency_ms else np.zeros(0)
+    trig = [run_codec().decode_kind(m.value(), "trigger") for m in read_topic(run.client, s3.kafka.topics.triggers)]
+    a2t = [(t["triggerProducedUs"] - t["alertProducedUs"]) / 1000.0 for t in trig if t["alertProducedUs"] > 0]
+    p50, p99 = percentiles(lat)
+    f50, f99 = percentiles(flat)
+    t50, t99 = percentiles(a2t)
+    lsz = np.array([b for b, _ in lb.batches])
+    lsec = np.array([s for _, s in lb.batches])
+    offered = rep3["alerts_per_s"]
+    common = (f"offered {offered:,.0f} alerts/s (replay --rate {a.rate:g}), {n_lat} alerts; "
+              f"{len(lsz)} batches, mean {lsz.mean():.0f} alerts, processing mean "
+              f"{1000 * lsec.mean():.0f} ms p99 {1000 * np.percentile(lsec, 99):.0f} ms; config "
+              f"batch_size {run.settings.consumer.batch_size}, poll_timeout_s "
+              f"{run.settings.consumer.poll_timeout_s}")
+    rows.append(make_row("consumer.latency.offered_rate", offered, "alerts/s", rate,
+                         note="what the concurrent `ulens replay --rate` achieved; baseline: the "
+                              "consumer's throughput on the same stream (consumer.throughput): a "
+                              "ratio above 1 means the consumer was overloaded and latency grows "
+                              "with the length of the run"))
+    rows.append(make_row("consumer.latency.alert_to_processed.p50", p50, "ms", f50,
+                         note="alert produced (Kafka CreateTime) -> batch committed; baseline: a "
+                              "no-op consumer of the same topic with the same consume() call; " + common))
+    rows.append(make_row("consumer.latency.alert_to_processed.p99", p99, "ms", f99))
+    rows.append(make_row("consumer.latency.alert_to_trigger.p50", t50, "ms", f50,
+                         note=f"{len(a2t)} triggers: triggerProducedUs - alertProducedUs of the "
+                              "deciding alert; baseline: the no-op consumer's p50"))
+    rows.append(make_row("consumer.latency.alert_to_trigger.p99", t99, "ms", f99,
+                         target="<= 250 ms at 3,000 alerts/s offered",
+                         note=f"{len(a2t)} triggers (p99 of so few is close to their maximum, "
+                              f"{max(a2t) if a2t else float('nan'):.0f} ms); baseline: the no-op consumer's p99"))
+    return rows
