@@ -10,7 +10,6 @@ from typing import Optional
 import numpy as np
 
 
-
 class NoopConsumer:
     """Transport floor: the same consume() call as the broker, doing nothing with the alerts."""
 

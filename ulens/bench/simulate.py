@@ -8,8 +8,6 @@ import time
 from ulens.bench.harness import Run, SIM_DEFAULTS, log, make_row
 
 
-
-
 def simulate_rows(n_binary: int, n_pspl: int, seed: int, workers: int = 1,
                   surveys: tuple = ("thesis",)) -> list[dict]:
     """Events simulated per second per core for each survey profile and class, against the
