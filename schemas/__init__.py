@@ -93,9 +93,12 @@ class Codec:
         reg = registry()
         self.latest: dict[str, int] = {k: int(v) for k, v in reg["latest"].items()}
         self._parsed: dict[int, Any] = {}
+        self._json: dict[int, dict] = {}     # the schema JSON as given (block readers need it)
+        self._blocks: dict[tuple, Any] = {}  # (schema id, columns) -> BlockReader or None, made once
         self._kind: dict[int, str] = {}
         for sid, path in reg["schemas"].items():
-            self._parsed[int(sid)] = fastavro.parse_schema(load_schema_json(int(sid)))
+            self._json[int(sid)] = load_schema_json(int(sid))
+            self._parsed[int(sid)] = fastavro.parse_schema(self._json[int(sid)])
             self._kind[int(sid)] = path.split("/", 1)[0]
         self._headers = {sid: HEADER.pack(MAGIC, sid) for sid in self._parsed}
 
@@ -109,6 +112,8 @@ class Codec:
         if sid in self._parsed and self._parsed[sid] != parsed:
             raise CodecError(f"schema id {sid} is already known with another schema")
         self._parsed[sid] = parsed
+        if isinstance(schema, dict) and "__fastavro_parsed" not in schema:
+            self._json[sid] = schema
         self._kind[sid] = kind or kind_of_schema(parsed)
         self._headers[sid] = HEADER.pack(MAGIC, sid)
 
@@ -140,6 +145,18 @@ class Codec:
 
     def kind_of(self, schema_id: int) -> str:
         return self._kind[schema_id]
+
+    def block_reader(self, schema_id: int, columns: Optional[list] = None):
+        """A :class:`schemas.avro_block.BlockReader` of the known schema ``schema_id`` that
+        returns ``columns``, made once; None when that schema is not read in blocks (or was
+        added already parsed, without its JSON)."""
+        key = (schema_id, None if columns is None else tuple(columns))
+        if key not in self._blocks:
+            from schemas.avro_block import block_reader
+
+            js = self._json.get(schema_id)
+            self._blocks[key] = None if js is None else block_reader(js, columns)
+        return self._blocks[key]
 
     def encode(self, record: dict, kind: str = "alert", schema_id: int | None = None) -> bytes:
         sid = self.schema_id(kind) if schema_id is None else schema_id
