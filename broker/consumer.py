@@ -29,6 +29,7 @@ import numpy as np
 from broker import state as st
 from broker.errors import BrokerError, DeliveryError
 from broker.flood import FloodGuard
+from broker.known_history import KnownHistory
 from broker.kafka_io import commit_offsets, poll_batch, without_error_events
 from broker.retry import kafka_error_is_transient, retrying
 from broker.inference import Job, Scorer
@@ -155,6 +156,7 @@ class Broker:
         self.artifact = artifact
         self.rule = tdcnn_rule(c, artifact.card)
         self.summary = Summary()
+        self.known = KnownHistory()          # history the state has (broker.known_history)
         self.metrics = Metrics()
         self.assigned = threading.Event()
         self._stop = threading.Event()
@@ -213,12 +215,14 @@ class Broker:
         self._assigned_at = time.monotonic()
         self._revoked_at = None          # any assignment, even an empty one: the group works
         self.assigned.set()
+        self.known.forget()
 
     def _on_revoke(self, consumer, partitions) -> None:
         # every batch is committed before the next poll, except one waiting out a fault
         # (polled by _wait_polling): its commit is then refused and the next owner re-reads it
         if consumer is not self.consumer:
             return                       # a replaced client closing (_rejoin_if_stuck)
+        self.known.forget()
         gone = {p.partition for p in partitions}
         self.partitions = [p for p in self.partitions if p not in gone]
         if not self.partitions:      # (a session lost in an outage, say) idle time waits for
@@ -347,6 +351,7 @@ class Broker:
         return out
 
     def _count_retry(self, cause: str) -> None:
+        self.known.forget()                  # a Redis that restarted may have lost its last writes
         self.summary.retries[cause] += 1
         self.metrics.retries.labels(cause).inc()
 
@@ -435,6 +440,10 @@ class Broker:
         points, kept = batch.points, batch.kept
         dead: list[tuple[int, Rejected]] = sorted(batch.rejected.items())
         n = BatchCounts()
+        send = self.known.unknown(points.object_id, points.time, points.kind)
+        if send is not None:             # history the state has: not sent to Redis again
+            n.history_known += int(np.count_nonzero(~send))
+            points, kept = points.select(send), np.asarray(kept)[send].tolist()
         triggers: list[dict] = []
         if len(points):
             touched = self._append(points, kept, dead, n)
@@ -464,6 +473,7 @@ class Broker:
                                 points.mag_err[order], points.band[order],
                                 None if points.kind is None else points.kind[order])
         results = self.store.append(uniq.tolist(), counts.tolist(), packed)
+        self.known.learn(results)
         touched = []
         history = None if points.kind is None else points.kind == st.KIND_HISTORY
         if history is not None and not history.any():

@@ -96,6 +96,12 @@ class Points:
     def __len__(self) -> int:
         return len(self.object_id)
 
+    def select(self, mask: np.ndarray) -> "Points":
+        """The points where ``mask`` is true, in order."""
+        return Points(*(None if c is None else c[mask] for c in (
+            self.object_id, self.source_id, self.time, self.mag, self.mag_err, self.produced_us,
+            self.band, self.ra, self.dec, self.kind)))
+
     @classmethod
     def empty(cls) -> "Points":
         z = np.empty(0, dtype=np.int64)
@@ -233,6 +239,11 @@ def magnitudes(flux: np.ndarray, flux_err: np.ndarray) -> tuple[np.ndarray, np.n
     """(mag, mag_err) float32 from scienceFlux/scienceFluxErr in nJy (the replay's inverse)."""
     mag, err = njy_to_mag(flux, flux_err)
     return mag.astype(np.float32), err.astype(np.float32)
+
+
+def magnitudes_ok(mag: np.ndarray, err: np.ndarray) -> np.ndarray:
+    """Where :func:`check_magnitudes` finds nothing wrong (as an array, for many points)."""
+    return (mag >= MAG_RANGE[0]) & (mag <= MAG_RANGE[1]) & (err > 0) & (err <= MAX_MAG_ERR)
 
 
 def check_magnitudes(mag: np.ndarray, err: np.ndarray) -> list[Optional[Rejected]]:
@@ -433,7 +444,7 @@ def validate_batch(codec, values: list, keys: list, max_mjd: Optional[float] = N
     h_owner = a.h_owner[h_keep]
     with np.errstate(all="ignore"):
         hmag, herr = magnitudes(a.h_flux[h_keep], a.h_err[h_keep])
-    usable = np.array([c is None for c in check_magnitudes(hmag, herr)], dtype=bool)
+    usable = magnitudes_ok(hmag, herr)
     if not usable.all():
         skipped["bad_value"] = skipped.get("bad_value", 0) + int((~usable).sum())
     # one pool of points, the alerts' own (rows 0 .. n-1) then the history (n ..), put in
@@ -465,18 +476,16 @@ def append_outcomes(statuses: bytes, rows, points: Points, kept: list[int]
     holds differently, which the alert that brought it had the chance to say)."""
     if statuses == st.APPENDED * len(rows):
         return len(rows), 0, [], 0
-    n_app = n_dup = n_hist = 0
+    codes = np.frombuffer(statuses, dtype=np.uint8)
+    appended = codes == st.APPENDED[0]
+    rows = np.asarray(rows)
+    history = np.zeros(len(codes), bool) if points.kind is None else points.kind[rows] == st.KIND_HISTORY
+    other = ~appended & ~history
+    dup = other & ((codes == st.DUPLICATE[0]) | (codes == st.DUPLICATE_UNVERIFIED[0]))
     dead = []
-    kinds = points.kind
-    for code, i in zip(statuses, rows):
-        code = bytes([code])
-        if code == st.APPENDED:
-            n_app += 1
-        elif kinds is not None and kinds[i] == st.KIND_HISTORY:
-            n_hist += 1
-        elif code in (st.DUPLICATE, st.DUPLICATE_UNVERIFIED):
-            n_dup += 1
-        elif code == st.OUT_OF_ORDER:
+    for k in np.flatnonzero(other & ~dup).tolist():      # rare: dead letters
+        code, i = bytes([codes[k]]), int(rows[k])
+        if code == st.OUT_OF_ORDER:
             dead.append((kept[i], Rejected(
                 "out_of_order", f"midpointMjdTai {points.time[i]} is earlier than the event's "
                 "newest point and matches no stored point")))
@@ -490,7 +499,8 @@ def append_outcomes(statuses: bytes, rows, points: Points, kept: list[int]
                 "magnitude, error or band (re-sent with changed content)")))
         else:
             raise ValueError(f"unknown append status {code!r}")
-    return n_app, n_dup, dead, n_hist
+    return (int(np.count_nonzero(appended)), int(np.count_nonzero(dup)), dead,
+            int(np.count_nonzero(~appended & history)))
 
 
 _HEADERS = operator.methodcaller("headers")
