@@ -128,6 +128,8 @@ class Summary:
     uncommitted: int = 0                                       # batches left to the next owner
     seconds: float = 0.0
     busy_seconds: float = 0.0                                  # inside process(), all batches
+    first_batch_unix: Optional[float] = None                   # wall clock at the first batch's start
+    last_batch_unix: Optional[float] = None                    # and at the last one's end
     rule_seconds: dict = field(default_factory=dict)           # per decision rule (RuleCost)
 
     def as_dict(self) -> dict:
@@ -138,6 +140,7 @@ class Summary:
                 "batches": self.batches, "retries": dict(self.retries),
                 "uncommitted": self.uncommitted, "seconds": round(self.seconds, 3),
                 "busy_seconds": round(self.busy_seconds, 3),
+                "first_batch_unix": self.first_batch_unix, "last_batch_unix": self.last_batch_unix,
                 "rule_seconds": {k: round(v, 3) for k, v in self.rule_seconds.items()}}
 
 
@@ -613,6 +616,9 @@ class Broker:
         s.rescored += n.rescored
         s.dead_letters.update(reasons); s.triggers += n_triggers; s.batches += 1
         s.busy_seconds += elapsed; s.rule_seconds = dict(self.cost.seconds)
+        s.last_batch_unix = time.time()
+        if s.first_batch_unix is None:
+            s.first_batch_unix = s.last_batch_unix - elapsed
         iv.alerts += len(msgs); iv.points += n.points; iv.duplicates += n.duplicates
         iv.dead_letters += n_dead; iv.triggers += n_triggers; iv.batches += 1
         iv.busy_s += elapsed

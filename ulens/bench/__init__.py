@@ -30,14 +30,16 @@ from ulens.bench.harness import Run, context_row, format_table, log, machine_con
 from ulens.bench.inference import bench_inference
 from ulens.bench.memory import bench_memory
 from ulens.bench.replay import bench_replay
+from ulens.bench.scaleout import add_arguments as scaleout_arguments
+from ulens.bench.scaleout import bench_scaleout
 from ulens.bench.simulate import bench_simulate
 
 
-HELP = ("throughput and latency benchmarks (consumer, replay, inference, simulate, memory), each "
+HELP = ("throughput and latency benchmarks (consumer, replay, inference, simulate, memory, scaleout), each "
         "against a baseline measured in the same run, with the machine's context")
 
 
-BENCHMARKS = ("consumer", "replay", "inference", "simulate", "memory")
+BENCHMARKS = ("consumer", "replay", "inference", "simulate", "memory", "scaleout")
 
 
 def _sizes(text: str) -> list[int]:
@@ -73,7 +75,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warm-alerts", type=int, default=60_000, help="alerts in that second run")
     g.add_argument("--naive-alerts", type=int, default=1000,
                    help="alerts (of the first events of the same stream) for the naive consumer")
-    g.add_argument("--rate", type=float, default=3000.0, help="offered alerts/s in the latency run")
+    g.add_argument("--format", choices=("compact", "rubin"), default="compact",
+                   help="consumer: our compact alert, or Rubin's lsst.v11_1 packet with a year of "
+                        "history (whole events of --survey; rows consumer.rubin.*)")
+    g.add_argument("--survey", default=None, metavar="NAME",
+                   help="survey profile of the dataset (training/surveys) [thesis for compact, "
+                        "lsst for rubin]")
+    g.add_argument("--rate", type=float, default=None,
+                   help="offered alerts/s in the latency run [3000 compact, 1000 rubin]")
     g.add_argument("--latency-seconds", type=float, default=30.0,
                    help="latency run: replay the first events of the stream making about "
                         "rate x seconds alerts")
@@ -82,6 +91,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--profile", metavar="DIR", default=None,
                    help="cProfile the consumer throughput run; write DIR/consumer_throughput.prof "
                         "('-' = print only) and print the top functions on stderr")
+    scaleout_arguments(p.add_argument_group("scaleout (its stream: --format, --survey and --alerts "
+                                            "as for consumer)"))
     g = p.add_argument_group("inference")
     g.add_argument("--batch-sizes", type=_sizes, default=[1, 16, 256, 4096], help="comma-separated")
     g.add_argument("--length", type=int, default=1200, help="full light-curve length in points")
@@ -104,6 +115,8 @@ def run(args) -> int:
 
     which = list(BENCHMARKS) if "all" in args.benchmark else \
         [b for b in BENCHMARKS if b in args.benchmark]
+    if args.survey is None:
+        args.survey = "lsst" if args.format == "rubin" else "thesis"
     if args.torch_threads is not None:
         import torch
         torch.set_num_threads(args.torch_threads)
@@ -111,7 +124,7 @@ def run(args) -> int:
     rows: list[dict] = []
     r = Run(args)
     fns = {"consumer": bench_consumer, "replay": bench_replay, "inference": bench_inference,
-           "simulate": bench_simulate, "memory": bench_memory}
+           "simulate": bench_simulate, "memory": bench_memory, "scaleout": bench_scaleout}
     failed = []
     try:
         for b in which:

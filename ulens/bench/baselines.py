@@ -41,21 +41,23 @@ class NoopConsumer:
 
 class NaiveConsumer:
     """What the broker replaces: per message, read the whole light curve from Redis, run the
-    model over its full length, produce a trigger if it fires, commit per message."""
+    model over its full length, produce a trigger if it fires, commit per message. It reads
+    both formats with the broker's codec (a Rubin packet whole, by fastavro) and keeps each
+    point's band (the model may read it), not the packet's history."""
 
-    POINT = struct.Struct("<dff")
+    POINT = struct.Struct("<dffB")
 
     def __init__(self, settings, artifact, topic: str, triggers_topic: str, group: str, prefix: str):
         from broker.consumer import consumer_config, producer_config, redis_client
         from broker.triggers import Rule
+        from broker.schema_registry import codec_for
         from confluent_kafka import Consumer, Producer
-        from schemas import default_codec
 
         self.artifact = artifact
         dec = artifact.decision
         self.rule = Rule("naive", artifact.threshold, settings.consumer.min_points,
                          int(dec.get("smooth_window", 5)))
-        self.codec = default_codec()
+        self.codec = codec_for(settings)
         self.r = redis_client(settings)
         self.prefix = prefix
         self.triggers_topic = triggers_topic
@@ -67,6 +69,7 @@ class NaiveConsumer:
         self.alerts = self.triggers = self.rejected = 0
 
     def handle(self, msg) -> None:
+        from broker import state as st
         from broker import validate as v
         from broker.triggers import trigger_record
         from training import decision
@@ -79,12 +82,13 @@ class NaiveConsumer:
         oid = rec["diaObjectId"]
         key, tkey = f"{self.prefix}:lc:{oid}", f"{self.prefix}:tr:{oid}"
         pipe = self.r.pipeline(transaction=False)
-        pipe.rpush(key, self.POINT.pack(rec["midpointMjdTai"], mag[0], err[0]))
+        band = int(st.band_codes([rec["band"]])[0])
+        pipe.rpush(key, self.POINT.pack(rec["midpointMjdTai"], mag[0], err[0], band))
         pipe.lrange(key, 0, -1)
         pipe.exists(tkey)
         _, raw, triggered = pipe.execute()
-        pts = np.frombuffer(b"".join(raw), dtype=[("t", "<f8"), ("mag", "<f4"), ("err", "<f4")])
-        x = self.artifact.inputs(pts["t"], pts["mag"], pts["err"])[None]
+        pts = np.frombuffer(b"".join(raw), dtype=[("t", "<f8"), ("mag", "<f4"), ("err", "<f4"), ("band", "u1")])
+        x = self.artifact.inputs(pts["t"], pts["mag"], pts["err"], band=pts["band"])[None]
         probs = self.artifact.predict(x)[0]
         n = len(probs)
         score = float(decision.score(probs, self.rule.smooth)[-1])

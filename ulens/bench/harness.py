@@ -153,24 +153,27 @@ def percentiles(values, qs=(50, 99)) -> list[Optional[float]]:
     return [float(x) for x in np.percentile(v, qs)]
 
 
-def dataset_path(cache_dir: Path, n_pspl: int, n_binary: int, seed: int) -> Path:
+def dataset_path(cache_dir: Path, n_pspl: int, n_binary: int, seed: int, survey: str = "thesis") -> Path:
     d = SIM_DEFAULTS
-    return Path(cache_dir) / (f"sim_pspl{n_pspl}_bin{n_binary}_seed{seed}_{d['parameter_set']}"
+    where = "" if survey == "thesis" else f"_{survey}"
+    return Path(cache_dir) / (f"sim{where}_pspl{n_pspl}_bin{n_binary}_seed{seed}_{d['parameter_set']}"
                               f"_mask{d['cadence_mask_prob']}_err{d['mag_error_std']}_tol0.01.npz")
 
 
-def cached_dataset(cache_dir: Path, events: int, seed: int, workers: Optional[int]) -> Path:
-    """The benchmark dataset (half binary), simulated once and cached by its parameters."""
+def cached_dataset(cache_dir: Path, events: int, seed: int, workers: Optional[int],
+                   survey: str = "thesis") -> Path:
+    """The benchmark dataset (half binary) of a survey profile, simulated once and cached
+    by its parameters."""
     from training.simulate import SimulationConfig, simulate
 
     n_bin = events // 2
     n_pspl = events - n_bin
-    path = dataset_path(cache_dir, n_pspl, n_bin, seed)
+    path = dataset_path(cache_dir, n_pspl, n_bin, seed, survey)
     if path.exists():
         return path
-    log(f"simulating {n_pspl} PSPL + {n_bin} binary events (seed {seed}) once into {path}")
+    log(f"simulating {n_pspl} PSPL + {n_bin} binary events (seed {seed}, survey {survey}) once into {path}")
     t0 = time.perf_counter()
-    cfg = SimulationConfig(parameter_set=SIM_DEFAULTS["parameter_set"], seed=seed,
+    cfg = SimulationConfig(survey=survey, parameter_set=SIM_DEFAULTS["parameter_set"], seed=seed,
                            cadence_mask_prob=SIM_DEFAULTS["cadence_mask_prob"],
                            mag_error_std=SIM_DEFAULTS["mag_error_std"])
     ds = simulate(n_pspl, n_bin, cfg, workers=workers, command="ulens bench (dataset cache)")
