@@ -165,10 +165,39 @@ def _reference_columns(m: np.ndarray, slots: Optional[np.ndarray], ref: Optional
     rows = np.flatnonzero(single & need.any(axis=1))
     if len(rows):                    # one band per row (the usual one-band survey): at once
         out[rows] = _causal_reference_batch(m[rows])
-    for r in np.flatnonzero(~single & need.any(axis=1)):
-        for s in np.unique(slots[r][need[r]]):
-            idx = np.flatnonzero(slots[r] == s)
-            out[r, idx] = _causal_reference_batch(m[r, idx][None])[0]
+    multi = np.flatnonzero(~single & need.any(axis=1))
+    if len(multi):                   # several bands per row: every (row, band) at once
+        out[multi] = _grouped_causal_reference(m[multi], slots[multi], need[multi], out[multi])
+    return out
+
+
+def _grouped_causal_reference(m: np.ndarray, slots: np.ndarray, need: np.ndarray,
+                              out: np.ndarray) -> np.ndarray:
+    """``out`` (R, W) with each point of a (row, band slot) that ``need`` marks given its
+    band's causal reference within the row: the median of that band's first min(rank+1, K)
+    points. The medians of all groups come from one :func:`_causal_reference_batch` over a
+    (groups, K) table of each group's first K points: the same sorts and arithmetic as a
+    call per group (a NaN-padded slot of a short group is never part of a queried prefix)."""
+    k_ref = REFERENCE_POINTS
+    r_, w_ = slots.shape
+    key = np.arange(r_)[:, None] * N_SLOTS + slots
+    sel = np.isin(key, np.unique(key[need]))
+    rr, cc = np.nonzero(sel)                          # row-major: in column order within a row
+    k = key[rr, cc]
+    order = np.argsort(k, kind="stable")              # by group, column order kept
+    ks = k[order]
+    new = np.ones(len(ks), dtype=bool)
+    new[1:] = ks[1:] != ks[:-1]
+    gid = np.cumsum(new) - 1
+    rank = np.arange(len(ks)) - np.flatnonzero(new)[gid]
+    vals = m[rr[order], cc[order]]
+    table = np.full((int(gid[-1]) + 1, k_ref), np.nan)
+    first = rank < k_ref
+    table[gid[first], rank[first]] = vals[first]
+    with np.errstate(invalid="ignore"):
+        medians = _causal_reference_batch(table)
+    out = out.copy()
+    out[rr[order], cc[order]] = medians[gid, np.minimum(rank, k_ref - 1)]
     return out
 
 
