@@ -113,20 +113,34 @@ def _group_inputs(artifact, jobs: list[Job], tail: bool) -> np.ndarray:
                                  prev_time=t[:, 0], band=_bands(jobs, 1))
 
 
+def _bucket(rows: int) -> int:
+    """The padded length of a tail window of ``rows`` rows: the next power of two (at most
+    half of a padded window is padding; a handful of model calls per batch)."""
+    return 1 << max(0, int(rows) - 1).bit_length()
+
+
 class Scorer:
     """Turns jobs into probabilities with as few model calls as the batch allows."""
 
-    def __init__(self, artifact, vectorised: bool = True, pad_young: Optional[bool] = None):
+    def __init__(self, artifact, vectorised: bool = True, pad_young: Optional[bool] = None,
+                 pad_tails: bool = True):
         self.artifact = artifact
         # one inputs_batch call per group (else artifact.inputs per window: same numbers)
         self.vectorised = bool(vectorised) and hasattr(artifact, "inputs_batch")
-        self.pad_young = (getattr(artifact.device, "type", "cpu") == "cuda") if pad_young is None \
-            else pad_young
+        # young events right-padded into one full pass: on a GPU the padding costs nothing;
+        # on a CPU it costs less than a call per length (Rubin packets of young events have
+        # tens of lengths a batch)
+        self.pad_young = True if pad_young is None else pad_young
+        # tail windows of any lengths right-padded to a few bucket lengths, one full pass a
+        # bucket: a Rubin packet brings 1..20 new points (its forced photometry), and a
+        # predict_last call per (length, new points) was ~150 calls (1.4 ms each) a batch
+        self.pad_tails = bool(pad_tails)
 
     def score(self, jobs: list[Job]) -> list[np.ndarray]:
         """P(binary) (float32) of each job's pending points, in job order."""
         out: list[Optional[np.ndarray]] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = defaultdict(list)
+        tails: dict[int, list[int]] = defaultdict(list)
         young: list[int] = []
         for i, job in enumerate(jobs):
             u = job.n_new
@@ -139,7 +153,12 @@ class Scorer:
                 young.append(i)
                 continue
             rows = len(job.time) - (1 if job.start > 0 else 0)
+            if job.start > 0 and self.pad_tails:
+                tails[_bucket(rows)].append(i)
+                continue
             groups[(job.start > 0, rows, u)].append(i)
+        for members in tails.values():
+            self._padded_tails(jobs, members, out)
         for (tail, rows, u), members in groups.items():
             if self.vectorised:
                 x = _group_inputs(self.artifact, [jobs[i] for i in members], tail)
@@ -174,3 +193,35 @@ class Scorer:
                 n = lens[row]
                 out[i] = p[row, n - jobs[i].n_new:n]
         return out  # type: ignore[return-value]
+
+    def _padded_tails(self, jobs: list[Job], members: list[int], out: list) -> None:
+        """Tail windows of several lengths right-padded to one, one full ``predict``
+        (right padding is invisible to a causal net; the window is the cone of its new
+        points, so a full pass costs what ``predict_last`` would)."""
+        lens = np.array([len(jobs[i].time) - 1 for i in members])
+        w = int(lens.max())
+        if self.vectorised:
+            m = len(members)
+            t = np.zeros((m, w + 1), dtype=np.float64)
+            mag = np.zeros((m, w), dtype=np.float32)
+            err = np.zeros((m, w), dtype=np.float32)
+            with_band = any(jobs[i].band is not None for i in members)
+            band = np.zeros((m, w), dtype=np.uint8) if with_band else None
+            for row, i in enumerate(members):
+                j, n = jobs[i], lens[row]
+                t[row, :n + 1], mag[row, :n], err[row, :n] = j.time, j.mag[1:], j.mag_err[1:]
+                t[row, n + 1:] = j.time[-1]
+                if with_band and j.band is not None:
+                    band[row, :n], band[row, n:] = j.band[1:], j.band[1]
+            ref = np.array([jobs[i].reference for i in members], dtype=np.float64)
+            x = self.artifact.inputs_batch(t[:, 1:], mag, err, reference=ref, prev_time=t[:, 0],
+                                           lengths=lens, band=band)
+        else:
+            xs = [_window_inputs_one(self.artifact, jobs[i]) for i in members]
+            x = np.zeros((len(xs), w, xs[0].shape[1]), dtype=np.float32)
+            for row, a in enumerate(xs):
+                x[row, :len(a)] = a
+        p = self.artifact.predict(x)
+        for row, i in enumerate(members):
+            n = lens[row]
+            out[i] = p[row, n - jobs[i].n_new:n]
