@@ -31,11 +31,11 @@ def startup_nodes(url: str) -> tuple[list[tuple[str, int]], bool, dict]:
     auth = {}
     if "@" in netloc:
         info, netloc = netloc.rsplit("@", 1)
-        user, colon, password = info.partition(":")
+        user, colon, rest = info.partition(":")
         if user:
             auth["username"] = unquote(user)
         if colon:
-            auth["password"] = unquote(password)
+            auth["password"] = unquote(rest)
     nodes = []
     for item in netloc.split(","):
         host, _, port = item.strip().rpartition(":")

@@ -20,10 +20,13 @@ and :meth:`KeyLayout.slot_groups` splits a batch's events by slot, one script ca
 (chunked), so no call is CROSSSLOT. Why buckets and not one tag per event
 (``P:ev:{<id>}``): a poll batch of E distinct events then costs E script calls, with a
 bucket tag at most 256 whatever E, each carrying E/256 events. Measured on the three-primary
-cluster of ``ulens services up --cluster`` (README, "Beyond one node"): the append + score
-round trips of a 2,000-event batch take about half the time with buckets. 256 buckets
-spread over 3 primaries about evenly and leave resharding 256 slots to move; the per-event
-keys stay unique. ``CLUSTER_BUCKETS`` is part of the key names: changing it orphans the
+cluster of ``ulens services up --cluster`` on 2 shared cores (``scripts/bench_cluster_keys.py``,
+append + score round trips, replica waits included, median of 10 batches, 4 runs): 2,000
+events a batch 370-530 ms with one tag per event, 230-320 ms with 256 buckets (single Redis:
+160-180 ms); 500 events 110-125 ms against 88-98 ms. 64 buckets were a little faster still
+(290 and 65 ms) but put a prefix on 64 slots only: uneven over 3 primaries and coarse to
+reshard; 256 spread about evenly and give 256 slots to move. The per-event keys stay
+unique. ``CLUSTER_BUCKETS`` is part of the key names: changing it orphans the
 stored state of a cluster (as a new ``redis.key_prefix`` would).
 
 Why the single-node names stay untagged: a hash tag means nothing to a single Redis, and
