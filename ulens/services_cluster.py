@@ -102,6 +102,9 @@ def kafka_properties(s: cfg.ServicesSettings, i: int, data: Path) -> str:
         "share.coordinator.state.topic.replication.factor=3",
         "share.coordinator.state.topic.min.isr=2",
         "group.initial.rebalance.delay.ms=0",
+        # a killed broker is fenced (its partitions led elsewhere) after 4 s, not 9
+        "broker.session.timeout.ms=4000",
+        "broker.heartbeat.interval.ms=1000",
         "auto.create.topics.enable=true",
         "log.retention.hours=168",
         "message.max.bytes=2097152",
