@@ -68,12 +68,18 @@ def producer_config(settings) -> dict:
 
 def redis_client(settings):
     """Redis client from ``redis.url`` (rediss:// = TLS) with password/CA and the socket
-    timeout from the settings. redis-py's own retries are off: the consumer's retry loop
-    (``broker.retry``) waits out faults, logs them, and stops promptly when asked."""
+    timeout from the settings; with ``redis.cluster`` a Redis Cluster client
+    (``broker.cluster.cluster_client``: redis-py's ``RedisCluster``, the same arguments).
+    redis-py's own retries are off: the consumer's retry loop (``broker.retry``) waits out
+    faults, logs them, and stops promptly when asked."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
+    if settings.redis.cluster:
+        from broker.cluster import cluster_client
+        return cluster_client(settings.redis.url, retry=Retry(NoBackoff(), 0),
+                              **settings.redis.client_kwargs())
     return redis.Redis.from_url(settings.redis.url, retry=Retry(NoBackoff(), 0),
                                 **settings.redis.client_kwargs())
 

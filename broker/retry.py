@@ -76,6 +76,12 @@ def transient_cause(exc: BaseException) -> Optional[str]:
     if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                         redis.exceptions.TryAgainError, redis.exceptions.ReadOnlyError)):
         return "redis"          # BusyLoadingError (LOADING after a restart) is a ConnectionError
+    # Redis Cluster during a failover: CLUSTERDOWN / MASTERDOWN, a slot whose primary is gone
+    # (no replica to promote yet), MOVED/ASK seen by a connection outside redis-py's routing
+    # (the store's WAIT); redis-py refreshes its slot map, the batch runs again
+    if isinstance(exc, (redis.exceptions.ClusterDownError, redis.exceptions.SlotNotCoveredError,
+                        redis.exceptions.AskError)):   # MovedError is an AskError
+        return "redis"
     if alarm_of(exc) is not None:
         return "redis"
     if isinstance(exc, RegistryUnavailable):

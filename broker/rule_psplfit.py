@@ -91,12 +91,12 @@ class PsplFitRule:
         self._sha = {}
         self._load_scripts()
 
-    # keys
+    # keys (the store's layout: hash-tagged on a cluster, broker.state.keys)
     def state_key(self, object_id: int) -> str:
-        return state_key(self.prefix, self.params, object_id)
+        return self.store.keys.psplfit_state(params_hash(self.params), object_id)
 
     def trigger_key(self, object_id: int) -> str:
-        return trigger_key(self.prefix, object_id)
+        return self.store.keys.psplfit_trigger(object_id)
 
     def _load_scripts(self) -> None:
         self._sha = {"save": self.r.script_load(st.lua_script("psplfit_save")),
@@ -193,8 +193,9 @@ class PsplFitRule:
     def _save(self, saves) -> list[str]:
         calls = []
         size = psplfit.STATE.itemsize
-        for c0 in range(0, len(saves), self.chunk):
-            part = saves[c0:c0 + self.chunk]
+        groups = self.store.keys.slot_groups([o for o, *_ in saves], self.chunk)
+        for g in groups:
+            part = [saves[i] for i in g]
             keys = [self.state_key(o) for o, *_ in part] + [self.trigger_key(o) for o, *_ in part]
             args = [self.ttl_s, self.trigger_ttl_s]
             for _, old, s_new, trig in part:
@@ -205,35 +206,40 @@ class PsplFitRule:
                 args.append(a)
             args.append(size)
             calls.append(("save", keys, args))
-        out: list[str] = []
-        for reply in self._evalsha(calls):
-            out.extend(x.decode() if isinstance(x, bytes) else str(x) for x in reply)
+        out: list[str] = [""] * len(saves)
+        for g, reply in zip(groups, self._evalsha(calls) if calls else []):
+            for i, x in zip(g, reply):
+                out[i] = x.decode() if isinstance(x, bytes) else str(x)
         return out
 
     def mark_sent(self, object_ids: Sequence[int]) -> int:
-        if not object_ids:
-            return 0
-        return int(self._evalsha([("sent", [self.trigger_key(o) for o in object_ids], [])])[0])
+        return st.mark_sent(self._evalsha, self.trigger_key, self.store.keys, object_ids)
 
     def read(self, object_id: int) -> Optional[dict]:
         return read_fit(self.r, self.prefix, self.params, object_id)
 
 
-def state_key(prefix: str, params: psplfit.Params, object_id: int) -> str:
+def params_hash(params: psplfit.Params) -> str:
+    """The hash in ``params.version`` that names the parameters in the state key."""
+    return params.version.rsplit('-', 1)[-1]
+
+
+def state_key(prefix: str, params: psplfit.Params, object_id: int, client=None) -> str:
     """``P:pf:<hash>:<id>``: an event's fit state made with these parameters (the hash of
-    ``params.version``); another parameter set starts states of its own."""
-    return st.psplfit_state_key(prefix, params.version.rsplit('-', 1)[-1], object_id)
+    ``params.version``); another parameter set starts states of its own. ``client``: the
+    layout of that client (hash-tagged on a cluster), else the single-node one."""
+    return st.KeyLayout.of(client, prefix).psplfit_state(params_hash(params), object_id)
 
 
-def trigger_key(prefix: str, object_id: int) -> str:
+def trigger_key(prefix: str, object_id: int, client=None) -> str:
     """``P:tp:<id>``: the rule's outbox for an event, whatever the parameters."""
-    return st.psplfit_trigger_key(prefix, object_id)
+    return st.KeyLayout.of(client, prefix).psplfit_trigger(object_id)
 
 
 def read_fit(client, prefix: str, params: psplfit.Params, object_id: int) -> Optional[dict]:
     """The stored fit state (for ``params``) and the rule's trigger of one event
     (inspection, tests)."""
-    sk, tk = state_key(prefix, params, object_id), trigger_key(prefix, object_id)
+    sk, tk = state_key(prefix, params, object_id, client), trigger_key(prefix, object_id, client)
     raw, trg = client.get(sk), client.get(tk)
     if raw is None and trg is None:
         return None

@@ -157,6 +157,8 @@ class RedisSettings:
     max_points: int = field(default=2000, metadata=rng(16, 1_000_000))
     ssl_ca_certs: Optional[str] = None
     socket_timeout_s: float = field(default=5.0, metadata=rng(0.1, 3600.0))
+    # Redis Cluster (redis-py's RedisCluster, hash-tagged keys: broker.state.keys)
+    cluster: bool = False
 
     def client_kwargs(self) -> dict:
         """Arguments for ``redis.Redis.from_url``; the password from the environment only."""
@@ -183,6 +185,12 @@ class ServicesSettings:
     redis_port: int = field(default=6379, metadata=rng(1, 65535))
     redis_appendfsync: str = field(default="everysec", metadata=rng(choices=("always", "everysec", "off")))
     start_timeout_s: float = field(default=90.0, metadata=rng(1, 3600))
+    # `ulens services up --cluster` (config/default.yaml): base ports, heap, replicas per primary
+    cluster_kafka_port: int = field(default=19192, metadata=rng(1, 65530))
+    cluster_kafka_heap_mb: int = field(default=512, metadata=rng(128, 65536))
+    cluster_redis_port: int = field(default=17001, metadata=rng(1, 55530))
+    cluster_redis_replicas: int = field(default=1, metadata=rng(0, 1))
+    cluster_node_timeout_ms: int = field(default=3000, metadata=rng(500, 600_000))
 
     @property
     def state_path(self) -> Path:
@@ -196,6 +204,26 @@ class ServicesSettings:
     def endpoints_file(self) -> Path:
         """Where `ulens services up` records the addresses it listens on."""
         return self.state_path / "endpoints.json"
+
+    @property
+    def cluster_state_path(self) -> Path:
+        """Data, logs and pids of `ulens services up --cluster`."""
+        return self.state_path / "cluster"
+
+    @property
+    def cluster_endpoints_file(self) -> Path:
+        """Where `ulens services up --cluster` records the addresses it listens on."""
+        return self.cluster_state_path / "endpoints.json"
+
+    def cluster_kafka_ports(self) -> list[int]:
+        return [self.cluster_kafka_port + i for i in range(3)]
+
+    def cluster_controller_ports(self) -> list[int]:
+        return [self.cluster_kafka_port + 3 + i for i in range(3)]
+
+    def cluster_redis_ports(self) -> list[int]:
+        """The primaries first, then their replicas (``redis-cli --cluster create`` order)."""
+        return [self.cluster_redis_port + i for i in range(3 * (1 + self.cluster_redis_replicas))]
 
 
 @dataclass(frozen=True)
@@ -467,9 +495,9 @@ def _read_yaml(path: Path) -> dict:
     return data if data is not None else {}
 
 
-def _recorded_endpoints(services: ServicesSettings) -> dict:
+def _recorded_endpoints(services: ServicesSettings, path: Optional[Path] = None) -> dict:
     try:
-        return json.loads(services.endpoints_file.read_text())
+        return json.loads((path or services.endpoints_file).read_text())
     except (OSError, ValueError):
         return {}
 
@@ -494,11 +522,19 @@ def load(path: Optional[os.PathLike | str] = None, *, env: Optional[dict] = None
                           "carry credentials; set env ULENS_REDIS_PASSWORD instead")
     redis_url = env.get("ULENS_REDIS_URL") or settings.redis.url
     if "auto" in (kafka_bs, redis_url):
-        recorded = _recorded_endpoints(settings.services)
+        svc = settings.services
+        if settings.redis.cluster:      # what `ulens services up --cluster` started
+            recorded = _recorded_endpoints(svc, svc.cluster_endpoints_file)
+            default_bs = ",".join(f"127.0.0.1:{p}" for p in svc.cluster_kafka_ports())
+            default_url = f"redis://127.0.0.1:{svc.cluster_redis_port}/0"
+        else:
+            recorded = _recorded_endpoints(svc, svc.endpoints_file)
+            default_bs = f"127.0.0.1:{svc.kafka_port}"
+            default_url = f"redis://127.0.0.1:{svc.redis_port}/0"
         if kafka_bs == "auto":
-            kafka_bs = recorded.get("kafka_bootstrap") or f"127.0.0.1:{settings.services.kafka_port}"
+            kafka_bs = recorded.get("kafka_bootstrap") or default_bs
         if redis_url == "auto":
-            redis_url = recorded.get("redis_url") or f"redis://127.0.0.1:{settings.services.redis_port}/0"
+            redis_url = recorded.get("redis_url") or default_url
     if not redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("redis.url must start with redis://, rediss:// or unix://, "
                           f"got {mask_url(redis_url)!r}")

@@ -1,4 +1,5 @@
-"""Local Apache Kafka (KRaft, one node) and Redis on loopback, without Docker.
+"""Local Apache Kafka (KRaft, one node) and Redis on loopback, without Docker
+(``--cluster``: three Kafka brokers and a Redis Cluster, ``ulens.services_cluster``).
 
 Kafka's jars are resolved from Maven Central with the installed Maven into
 ``services.cache_dir``; the broker runs on the installed JDK. ``redis-server``
@@ -389,15 +390,16 @@ def _apply_persistence(s: cfg.ServicesSettings, p: Paths) -> None:
 
 # --- public API ----------------------------------------------------------------------
 
-def ensure_topics(settings: cfg.Settings, timeout: float = 30.0) -> list[str]:
-    """Create the configured topics that do not exist yet; return the names created."""
+def ensure_topics(settings: cfg.Settings, timeout: float = 30.0, replication_factor: int = 1) -> list[str]:
+    """Create the configured topics that do not exist yet (``replication_factor``: 3 on the
+    local cluster); return the names created."""
     from confluent_kafka.admin import AdminClient, NewTopic
     admin = AdminClient(settings.kafka.client_config())
     existing = set(admin.list_topics(timeout=timeout).topics)
     t, n = settings.kafka.topics, settings.kafka.partitions
     wanted = [(t.alerts, n.alerts, {}), (t.triggers, n.triggers, {}),
               (t.dead_letter, n.dead_letter, {}), (t.truth, n.truth, {"cleanup.policy": "compact"})]
-    new = [NewTopic(name, num_partitions=parts, replication_factor=1, config=conf)
+    new = [NewTopic(name, num_partitions=parts, replication_factor=replication_factor, config=conf)
            for name, parts, conf in wanted if name not in existing]
     if new:
         for name, fut in admin.create_topics(new, operation_timeout=timeout).items():
@@ -498,19 +500,45 @@ def status(settings: cfg.Settings) -> dict:
 
 # --- command -------------------------------------------------------------------------
 
+CLUSTER_HELP = ("the local cluster instead of the single-node services (which it leaves alone): "
+                "three Kafka brokers (KRaft, each also a controller; replication factor 3, "
+                "min.insync.replicas 2) on services.cluster_kafka_port .. +2 (controllers +3 .. +5) "
+                "and a Redis Cluster of three primaries on services.cluster_redis_port .. +2 with "
+                "services.cluster_redis_replicas replica(s) each on the next ports; state under "
+                "<services.state_dir>/cluster. A broker uses it with redis.cluster: true")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    sub.add_parser("up", help="fetch Kafka if needed, start Kafka and Redis, wait until both answer")
+    u = sub.add_parser("up", help="fetch Kafka if needed, start Kafka and Redis, wait until both answer "
+                       "(--cluster: every cluster node that does not run, the Redis Cluster formed once)")
+    u.add_argument("--cluster", action="store_true", help=CLUSTER_HELP)
     d = sub.add_parser("down", help="stop the Kafka and Redis processes that `up` started")
     d.add_argument("--wipe", action="store_true", help="also delete their data (topics, Redis state)")
+    d.add_argument("--cluster", action="store_true", help="stop the local cluster's processes instead "
+                   "(by pid); with --wipe delete <services.state_dir>/cluster")
     st = sub.add_parser("status", help="say what runs where, whether it answers, the Redis persistence and "
                         "the log paths; exit status 4 when one does not answer")
     st.add_argument("--json", action="store_true", help="print the status as JSON")
+    st.add_argument("--cluster", action="store_true", help="the local cluster's nodes instead (Redis role "
+                    "and cluster state, Kafka brokers in the metadata); exit status 4 unless all "
+                    "three brokers are in the metadata and every Redis node says cluster_state ok")
     sub.add_parser("fetch", help="only resolve the Kafka jars from Maven Central into the cache")
 
 
 def run(args: argparse.Namespace) -> int:
     settings = cfg.load(args.config)
+    if getattr(args, "cluster", False):
+        from ulens import services_cluster as cl
+        if args.action == "up":
+            cl.up(settings)
+        elif args.action == "down":
+            cl.down(settings, wipe=args.wipe)
+        else:
+            st = cl.status(settings)
+            print(json.dumps(st, indent=2)) if args.json else cl.print_status(st)
+            return 0 if st["healthy"] else ServiceError.exit_code
+        return 0
     if args.action == "up":
         up(settings)
     elif args.action == "down":

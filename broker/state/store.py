@@ -32,11 +32,22 @@ All of a poll batch's events go to Redis in one pipeline of script calls (chunks
 ``chunk_events`` events per call, one round trip); so does the score update. Every script
 is safe to run twice (a pipeline replayed after a connection error, a batch retried):
 the second run changes nothing and still reports a pending trigger.
-Multi-key script calls need a single Redis (not Redis Cluster).
+
+On Redis Cluster (``redis.cluster: true``, a ``RedisCluster`` client) the keys carry a hash
+tag (:mod:`broker.state.keys`) and each call takes the events of one hash slot
+(:meth:`KeyLayout.slot_groups`); the calls still go in one pipeline (redis-py sends it to
+every primary at once). Replication there is asynchronous: a primary killed right after it
+acknowledged a write would lose it at the failover, after the consumer committed the
+offsets. So after each round trip of script calls the store waits for one replica of every
+primary it wrote to (:func:`wait_for_replicas`: ``WAIT 1``); a primary with no replica in
+sync (after a failover, until the old primary is back as its replica) is written with its
+AOF alone, as a single Redis is, and logged.
 """
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import dataclass
 from importlib import resources
 from typing import Optional, Sequence
@@ -44,10 +55,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 from broker.errors import BrokerError
-from broker.state.keys import event_key, event_pattern, trigger_key
+from broker.state.keys import KeyLayout, is_cluster, object_id_of, wait_marker
 from broker.state.layout import (BAND_UNKNOWN, BANDS_BLOCK, EXACT_LIMIT, FLAG_TRIGGERED, HEADER_FIXED, INPUT, KIND_LIVE,
                                  N_SLOTS, PREFIX, PROB_SCALE, PROB_UNSCORED, RECORD, SCORE_PREFIX, VERSION, band_name,
                                  forced_of, header_size, lua_prelude, slot_name)
+
+log = logging.getLogger("broker")
 
 
 def lua_script(name: str) -> str:
@@ -214,12 +227,15 @@ class EventView:
 
 
 class EventStore:
-    """The broker's Redis state. All methods are batch-wide and cost one round trip."""
+    """The broker's Redis state. All methods are batch-wide and cost one round trip.
+
+    ``keys``: the key layout (default: the one of ``client``, :meth:`KeyLayout.of`)."""
 
     def __init__(self, client, prefix: str, ttl_s: int, max_points: int, *,
                  reference_points: int, receptive_field: int, smooth_window: int,
                  model_tag: int = 0, trigger_ttl_s: Optional[int] = None,
-                 chunk_events: int = 256, exact_limit: int = EXACT_LIMIT):
+                 chunk_events: int = 256, exact_limit: int = EXACT_LIMIT,
+                 keys: Optional[KeyLayout] = None):
         if smooth_window < 1 or smooth_window > 255:
             raise BrokerError(f"smooth window {smooth_window} must be in 1..255")
         need = receptive_field + reference_points + 1
@@ -228,6 +244,7 @@ class EventStore:
                               f"at least receptive_field + reference_points + 1 = {need} points")
         self.r = client
         self.prefix = prefix
+        self.keys = keys if keys is not None else KeyLayout.of(client, prefix)
         self.ttl_s = int(ttl_s)
         # a trigger record outlives its event (an event forgotten and seen again never fires twice)
         self.trigger_ttl_s = max(int(trigger_ttl_s or 0), self.ttl_s)
@@ -243,10 +260,10 @@ class EventStore:
 
     # keys
     def event_key(self, object_id: int) -> str:
-        return event_key(self.prefix, object_id)
+        return self.keys.event(object_id)
 
     def trigger_key(self, object_id: int) -> str:
-        return trigger_key(self.prefix, object_id)
+        return self.keys.trigger(object_id)
 
     def _load_scripts(self) -> None:
         for name in ("append", "score", "sent"):
@@ -258,47 +275,50 @@ class EventStore:
 
     def append(self, object_ids: Sequence[int], counts: Sequence[int], points: bytes) -> list[AppendResult]:
         """Append the batch's points (``pack_points``, grouped by event in ``object_ids``
-        order, each event's points in arrival order). One result per event."""
-        calls, spans = [], []
-        pos = 0
+        order, each event's points in arrival order). One result per event, in
+        ``object_ids`` order."""
         counts = [int(c) for c in counts]
-        for s in range(0, len(object_ids), self.chunk):
-            ids = object_ids[s:s + self.chunk]
-            cnt = counts[s:s + self.chunk]
-            nbytes = sum(cnt) * INPUT.itemsize
+        ends = np.cumsum(np.asarray(counts, dtype=np.int64) * INPUT.itemsize)
+        starts = ends - np.asarray(counts, dtype=np.int64) * INPUT.itemsize
+        calls, groups = [], self.keys.slot_groups(object_ids, self.chunk)
+        for g in groups:
+            ids = [object_ids[i] for i in g]
+            cnt = [counts[i] for i in g]
+            if g[-1] - g[0] == len(g) - 1:      # consecutive events: one slice
+                pts = points[int(starts[g[0]]):int(ends[g[-1]])]
+            else:
+                pts = b"".join(points[int(starts[i]):int(ends[i])] for i in g)
             keys = [self.event_key(o) for o in ids] + [self.trigger_key(o) for o in ids]
             args = [self.k, self.rf, self.max_points, self.ttl_s, self.m,
-                    np.asarray(cnt, dtype="<u4").tobytes(), points[pos:pos + nbytes], self.exact_limit,
+                    np.asarray(cnt, dtype="<u4").tobytes(), pts, self.exact_limit,
                     self.tag, self.trigger_ttl_s]
-            pos += nbytes
             calls.append(("append", keys, args))
-            spans.append((ids, cnt))
-        replies = self._run(calls)
-        out = []
-        for (ids, cnt), reply in zip(spans, replies):
-            for o, c, raw in zip(ids, cnt, reply):
-                out.append(parse_append_reply(int(o), raw, self.m, c))
+        replies = self._run(calls) if calls else []
+        out: list[Optional[AppendResult]] = [None] * len(object_ids)
+        for g, reply in zip(groups, replies):
+            for i, raw in zip(g, reply):
+                out[i] = parse_append_reply(int(object_ids[i]), raw, self.m, counts[i])
         return out
 
     def save_scores(self, updates: Sequence[ScoreUpdate]) -> list[str]:
-        """Store new probabilities and decisions; per event a TRIG_* code. Running the same
-        updates twice is harmless: the second run answers TRIG_ALREADY, or TRIG_PENDING
-        while the event's trigger waits in the outbox."""
+        """Store new probabilities and decisions; per event a TRIG_* code (in ``updates``
+        order). Running the same updates twice is harmless: the second run answers
+        TRIG_ALREADY, or TRIG_PENDING while the event's trigger waits in the outbox."""
+        groups = self.keys.slot_groups([u.object_id for u in updates], self.chunk)
         calls = []
-        for s in range(0, len(updates), self.chunk):
-            part = updates[s:s + self.chunk]
+        for g in groups:
+            part = [updates[i] for i in g]
             keys = [self.event_key(u.object_id) for u in part] + \
                    [self.trigger_key(u.object_id) for u in part]
             calls.append(("score", keys, [self.trigger_ttl_s, self.m, self.tag] + pack_updates(part)))
-        out: list[str] = []
-        for reply in self._run(calls) if calls else []:
-            out.extend(x.decode() if isinstance(x, bytes) else str(x) for x in reply)
+        out: list[str] = [""] * len(updates)
+        for g, reply in zip(groups, self._run(calls) if calls else []):
+            for i, x in zip(g, reply):
+                out[i] = x.decode() if isinstance(x, bytes) else str(x)
         return out
 
     def mark_sent(self, object_ids: Sequence[int]) -> int:
-        if not object_ids:
-            return 0
-        return int(self._run([("sent", [self.trigger_key(o) for o in object_ids], [])])[0])
+        return mark_sent(self._run, self.trigger_key, self.keys, object_ids)
 
     def pending_triggers(self, object_ids: Sequence[int]) -> dict[int, dict]:
         """Trigger records still marked pending (decided, delivery not confirmed)."""
@@ -308,18 +328,30 @@ class EventStore:
         return read_event(self.r, self.prefix, object_id)
 
 
+def mark_sent(run, key_of, keys: KeyLayout, object_ids: Sequence[int]) -> int:
+    """The ``sent`` script over the outbox keys ``key_of(id)`` (one call per slot on a
+    cluster, one in all on a single Redis); how many were there."""
+    if not object_ids:
+        return 0
+    calls = [("sent", [key_of(object_ids[i]) for i in g], [])
+             for g in keys.slot_groups(object_ids, len(object_ids))]
+    return sum(int(x) for x in run(calls))
+
+
 def pending_in(client, keys: Sequence[str], object_ids: Sequence[int]) -> dict[int, dict]:
     """{object id: trigger record} of the outbox keys whose status is still pending."""
     if not keys:
         return {}
-    vals = client.mget(list(keys))
+    # MGET takes keys of one slot on a cluster; redis-py's mget_nonatomic splits them by slot
+    vals = client.mget_nonatomic(list(keys)) if is_cluster(client) else client.mget(list(keys))
     return {int(o): json.loads(v[1:]) for o, v in zip(object_ids, vals)
             if v is not None and v[:1] == b"P"}
 
 
 def read_event(client, prefix: str, object_id: int) -> Optional[EventView]:
     """Everything stored about one event, or None (needs no model, loads no script)."""
-    ek, tk = event_key(prefix, object_id), trigger_key(prefix, object_id)
+    layout = KeyLayout.of(client, prefix)
+    ek, tk = layout.event(object_id), layout.trigger(object_id)
     pipe = client.pipeline(transaction=False)
     pipe.get(ek)
     pipe.ttl(ek)
@@ -337,10 +369,11 @@ def read_event(client, prefix: str, object_id: int) -> Optional[EventView]:
 
 
 def scan_events(client, prefix: str, limit: int = 100) -> list[int]:
-    """Ids of live events (SCAN; for inspection, not for the hot path)."""
+    """Ids of live events (SCAN, every primary of a cluster; for inspection, not for the
+    hot path)."""
     out = []
-    for k in client.scan_iter(match=event_pattern(prefix), count=1000):
-        out.append(int(k.decode().rsplit(":", 1)[1]))
+    for k in client.scan_iter(match=KeyLayout.of(client, prefix).pattern(), count=1000):
+        out.append(object_id_of(k))
         if len(out) >= limit:
             break
     return sorted(out)
@@ -349,25 +382,83 @@ def scan_events(client, prefix: str, limit: int = 100) -> list[int]:
 def run_scripts(r, sha: dict, calls, reload) -> list:
     """Run Lua script calls ``(name, keys, args)`` in one pipeline (one round trip).
 
-    If Redis lost its script cache (restart, SCRIPT FLUSH), ``reload()`` loads the
-    scripts again into ``sha`` and the pipeline is replayed once (every script is safe
-    to run twice). An error reply of a script (a state of another layout version) is a
-    BrokerError that names it.
+    If Redis lost its script cache (restart, SCRIPT FLUSH, a replica promoted that never
+    loaded them), ``reload()`` loads the scripts again into ``sha`` and the pipeline is
+    replayed once (every script is safe to run twice). An error reply of a script (a
+    state of another layout version) is a BrokerError that names it. On a cluster the
+    keys of each call must share a slot (``KeyLayout.slot_groups``), and the call returns
+    once a replica of each primary written to has the writes (:func:`wait_for_replicas`).
     """
     import redis
 
+    cluster = is_cluster(r)
     for attempt in (0, 1):
         pipe = r.pipeline(transaction=False)
         for name, keys, args in calls:
-            pipe.evalsha(sha[name], len(keys), *keys, *args)
+            if cluster:
+                # execute_command: redis-py's ClusterPipeline refuses pipe.evalsha; the target
+                # node given: without it redis-py 7 asks the server (COMMAND GETKEYS) which keys
+                # each EVALSHA has, one round trip per call. A node that is no longer the
+                # slot's owner answers MOVED, which the pipeline follows.
+                pipe.execute_command("EVALSHA", sha[name], len(keys), *keys, *args,
+                                     target_nodes=r.get_node_from_key(keys[0]))
+            else:
+                pipe.evalsha(sha[name], len(keys), *keys, *args)
         try:
-            return pipe.execute()
+            out = pipe.execute()
         except redis.exceptions.NoScriptError:
             if attempt:
                 raise
             reload()
+            continue
         except redis.exceptions.ResponseError as exc:
             if "ULENS" in str(exc):
                 raise BrokerError(str(exc).split("ULENS ", 1)[-1]) from None
+            if "NOSCRIPT" in str(exc) and not attempt:   # a ClusterPipeline's wrapped error
+                reload()
+                continue
             raise
+        if cluster:
+            wait_for_replicas(r, [keys[0] for _, keys, _ in calls if keys])
+        return out
     raise AssertionError("unreachable")
+
+
+# How long a cluster write waits for a replica (``WAIT 1``) before it is taken as written
+# with its primary's AOF alone; a replica on the same network answers within a millisecond.
+REPLICA_WAIT_MS = 500
+# a primary whose replica did not answer is not waited for again for this long
+REPLICA_RETRY_S = 10.0
+_no_replica_until: dict[str, float] = {}
+
+
+def wait_for_replicas(client, keys: Sequence[str], clock=time.monotonic) -> dict[str, int]:
+    """``WAIT 1`` on every primary that holds one of ``keys``, after a write of its own on
+    the same connection: WAIT counts the replicas that have the connection's last write,
+    and a write after this round trip's scripts (:func:`keys.wait_marker`, in the slot of a key just
+    written) has them all before it in the replication stream. {node: replicas that
+    acknowledged}. A primary none of whose replicas acknowledges within
+    ``REPLICA_WAIT_MS`` is logged and then skipped for ``REPLICA_RETRY_S``."""
+    tags: dict[str, tuple] = {}
+    for k in keys:
+        node = client.get_node_from_key(k)
+        if node is not None and node.name not in tags:
+            tags[node.name] = (node, k)
+    out = {}
+    now = clock()
+    for name, (node, key) in tags.items():
+        if _no_replica_until.get(name, 0.0) > now:
+            continue
+        pipe = node.redis_connection.pipeline(transaction=False)
+        pipe.set(wait_marker(key), b"1", px=60_000)
+        pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS)
+        got = int(pipe.execute()[1])
+        out[name] = got
+        if got < 1:
+            _no_replica_until[name] = clock() + REPLICA_RETRY_S
+            log.warning("Redis primary %s has no replica in sync (none acknowledged within %d ms): "
+                        "its writes are kept by its AOF alone until one is back; a kill of it "
+                        "now stops its slots until it restarts", name, REPLICA_WAIT_MS)
+        else:
+            _no_replica_until.pop(name, None)
+    return out
