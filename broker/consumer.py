@@ -36,7 +36,7 @@ from broker.inference import Job, Scorer
 from broker.metrics import Interval, Metrics
 from broker.rule_psplfit import PsplFitRule, RuleCost, params_from_settings
 from broker.trigger_fields import as_latest
-from broker.triggers import decide_many, stored_curve, tdcnn_rule, trigger_at
+from broker.triggers import decide_many, stored_curves, tdcnn_rule, trigger_at
 from broker.validate import (Rejected, append_outcomes, dead_letter, message_headers, mjd_now,
                              validate_batch)
 from broker.schema_registry import codec_for, resolve_ids
@@ -529,14 +529,15 @@ class Broker:
                 np.array([h.triggered or res.trigger_status != b"\0" for h, (res, _) in zip(heads, owners)]),
                 self.rule)
             updates = []
+            curves = stored_curves(self.store, [res for (res, _), d in zip(owners, decisions)
+                                                if d.fire is not None])
             for job, (res, rows), p, d in zip(jobs, owners, probs, decisions):
                 h = res.header
                 trig = None
                 if d.fire is not None:
                     g = h.n_scored + d.fire
                     trig = trigger_at(res.object_id, res.window[g - res.start], points, rows, self.rule,
-                                      d.score, g, self.artifact.version,
-                                      curve=stored_curve(self.store, res))
+                                      d.score, g, self.artifact.version, curve=curves[res.object_id])
                 updates.append(st.ScoreUpdate(res.object_id, h.n_scored, p, d.ring, trig))
             codes = self.store.save_scores(updates)
             for u, code in zip(updates, codes):

@@ -120,21 +120,25 @@ def _bucket(rows: int) -> int:
 
 
 class Scorer:
-    """Turns jobs into probabilities with as few model calls as the batch allows."""
+    """Turns jobs into probabilities with as few model calls as the batch allows.
+
+    Windows of one (length, new points) are one ``predict_last`` call (the dependency cone
+    of the new points: the cheapest pass for a large group). Groups smaller than
+    ``min_group`` (``pad_small``) are instead right-padded together and run in a few full
+    passes: a batch of Rubin packets brings tens of lengths and new-point counts (forced
+    photometry since the last alert), and a call per group (~1 ms each on a CPU) cost more
+    than the padding."""
 
     def __init__(self, artifact, vectorised: bool = True, pad_young: Optional[bool] = None,
-                 pad_tails: bool = True):
+                 pad_small: bool = True, min_group: int = 32):
         self.artifact = artifact
         # one inputs_batch call per group (else artifact.inputs per window: same numbers)
         self.vectorised = bool(vectorised) and hasattr(artifact, "inputs_batch")
-        # young events right-padded into one full pass: on a GPU the padding costs nothing;
-        # on a CPU it costs less than a call per length (Rubin packets of young events have
-        # tens of lengths a batch)
-        self.pad_young = True if pad_young is None else pad_young
-        # tail windows of any lengths right-padded to a few bucket lengths, one full pass a
-        # bucket: a Rubin packet brings 1..20 new points (its forced photometry), and a
-        # predict_last call per (length, new points) was ~150 calls (1.4 ms each) a batch
-        self.pad_tails = bool(pad_tails)
+        # every young event right-padded into one pass (the GPU default: padding is free there)
+        self.pad_young = (getattr(artifact.device, "type", "cpu") == "cuda") if pad_young is None \
+            else pad_young
+        self.pad_small = bool(pad_small)
+        self.min_group = int(min_group)
 
     def score(self, jobs: list[Job]) -> list[np.ndarray]:
         """P(binary) (float32) of each job's pending points, in job order."""
@@ -153,10 +157,14 @@ class Scorer:
                 young.append(i)
                 continue
             rows = len(job.time) - (1 if job.start > 0 else 0)
-            if job.start > 0 and self.pad_tails:
-                tails[_bucket(rows)].append(i)
-                continue
             groups[(job.start > 0, rows, u)].append(i)
+        for (tail, rows, u), members in list(groups.items()):
+            if self.pad_small and len(members) < self.min_group:
+                del groups[(tail, rows, u)]
+                if tail:
+                    tails[_bucket(rows)].extend(members)
+                else:
+                    young.extend(members)
         for members in tails.values():
             self._padded_tails(jobs, members, out)
         for (tail, rows, u), members in groups.items():
@@ -196,8 +204,7 @@ class Scorer:
 
     def _padded_tails(self, jobs: list[Job], members: list[int], out: list) -> None:
         """Tail windows of several lengths right-padded to one, one full ``predict``
-        (right padding is invisible to a causal net; the window is the cone of its new
-        points, so a full pass costs what ``predict_last`` would)."""
+        (right padding is invisible to a causal net)."""
         lens = np.array([len(jobs[i].time) - 1 for i in members])
         w = int(lens.max())
         if self.vectorised:

@@ -126,17 +126,24 @@ def trigger_record(object_id: int, source_id: int, rule: Rule, score: float, n_p
     return tf.as_latest({**rec, **(extra or {})})
 
 
-def stored_curve(store, res) -> tuple[np.ndarray, int]:
-    """(the event's stored points, global index of the first) for an append result
-    ``res``: its window when that holds every stored point, else read from the store (a
-    trigger is rare: one read per trigger)."""
-    h = res.header
-    if res.start == h.n_dropped and len(res.window) == h.n_total - h.n_dropped:
-        return res.window, res.start
-    view = store.read(res.object_id)
-    if view is None:            # expired meanwhile: the window is what there is
-        return res.window, res.start
-    return view.points, view.first_index
+def stored_curves(store, results) -> dict[int, tuple[np.ndarray, int]]:
+    """{object id: (the event's stored points, global index of the first)} for append
+    results ``results``: a result's window when it holds every stored point, else read
+    from the store, all in one round trip (a batch of thesis binaries fires hundreds)."""
+    out, missing = {}, []
+    for res in results:
+        h = res.header
+        if res.start == h.n_dropped and len(res.window) == h.n_total - h.n_dropped:
+            out[res.object_id] = (res.window, res.start)
+        else:
+            missing.append(res)
+    if missing:
+        views = store.read_many([res.object_id for res in missing])
+        for res in missing:
+            view = views.get(res.object_id)
+            # expired meanwhile: the window is what there is
+            out[res.object_id] = (res.window, res.start) if view is None else (view.points, view.first_index)
+    return out
 
 
 def trigger_at(object_id: int, record, points, mine, rule: Rule, score: float, g: int,

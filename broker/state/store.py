@@ -327,6 +327,9 @@ class EventStore:
     def read(self, object_id: int) -> Optional[EventView]:
         return read_event(self.r, self.prefix, object_id)
 
+    def read_many(self, object_ids: Sequence[int]) -> dict[int, EventView]:
+        return read_events(self.r, self.prefix, object_ids)
+
 
 def mark_sent(run, key_of, keys: KeyLayout, object_ids: Sequence[int]) -> int:
     """The ``sent`` script over the outbox keys ``key_of(id)`` (one call per slot on a
@@ -350,22 +353,32 @@ def pending_in(client, keys: Sequence[str], object_ids: Sequence[int]) -> dict[i
 
 def read_event(client, prefix: str, object_id: int) -> Optional[EventView]:
     """Everything stored about one event, or None (needs no model, loads no script)."""
+    return read_events(client, prefix, [object_id]).get(int(object_id))
+
+
+def read_events(client, prefix: str, object_ids: Sequence[int]) -> dict[int, EventView]:
+    """:func:`read_event` of several events in one pipeline: {id: view} of those stored."""
     layout = KeyLayout.of(client, prefix)
-    ek, tk = layout.event(object_id), layout.trigger(object_id)
     pipe = client.pipeline(transaction=False)
-    pipe.get(ek)
-    pipe.ttl(ek)
-    pipe.get(tk)
-    raw, ttl, trg = pipe.execute()
-    if raw is None:
-        return None
-    h = parse_header(raw)
-    points = np.frombuffer(raw, dtype=RECORD, offset=header_size(h.m))
-    status = trigger = None
-    if trg is not None:
-        status = {b"P": "pending", b"S": "sent"}.get(trg[:1], "unknown")
-        trigger = json.loads(trg[1:])
-    return EventView(int(object_id), h, h.n_total - len(points), points, int(ttl), status, trigger)
+    for o in object_ids:
+        ek = layout.event(o)
+        pipe.get(ek)
+        pipe.ttl(ek)
+        pipe.get(layout.trigger(o))
+    got = pipe.execute() if object_ids else []
+    out = {}
+    for k, o in enumerate(object_ids):
+        raw, ttl, trg = got[3 * k:3 * k + 3]
+        if raw is None:
+            continue
+        h = parse_header(raw)
+        points = np.frombuffer(raw, dtype=RECORD, offset=header_size(h.m))
+        status = trigger = None
+        if trg is not None:
+            status = {b"P": "pending", b"S": "sent"}.get(trg[:1], "unknown")
+            trigger = json.loads(trg[1:])
+        out[int(o)] = EventView(int(o), h, h.n_total - len(points), points, int(ttl), status, trigger)
+    return out
 
 
 def scan_events(client, prefix: str, limit: int = 100) -> list[int]:

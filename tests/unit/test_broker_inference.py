@@ -98,14 +98,14 @@ def test_windowed_equals_full_curve(artifact, chunking):
 
 
 @pytest.mark.parametrize("pad_young", [False, True])
-@pytest.mark.parametrize("pad_tails", [False, True])
-def test_many_events_in_one_batch_equal_full_curves(artifact, pad_young, pad_tails):
+@pytest.mark.parametrize("min_group", [1, 32])
+def test_many_events_in_one_batch_equal_full_curves(artifact, pad_young, min_group):
     """A batch mixing young events (start 0) and tail windows of several lengths; young
-    windows grouped by length (CPU) or right-padded into one full pass (GPU); tail windows
-    grouped by (length, new points) or right-padded to a few bucket lengths."""
+    windows grouped by length (CPU) or right-padded into one full pass (GPU); groups
+    smaller than min_group right-padded together (tails to a few bucket lengths)."""
     rng = np.random.default_rng(5)
     curves = [light_curve(rng, int(n)) for n in rng.integers(20, 300, 12)]
-    scorer = Scorer(artifact, pad_young=pad_young, pad_tails=pad_tails)
+    scorer = Scorer(artifact, pad_young=pad_young, min_group=min_group)
     jobs, expect = [], []
     for t, mag, err in curves:
         n = len(t)
@@ -155,14 +155,14 @@ def newest_point_jobs(rng, curves, rf: int) -> list:
 
 
 @pytest.mark.parametrize("pad_young", [False, True])
-@pytest.mark.parametrize("pad_tails", [False, True])
-def test_batched_inputs_equal_per_window_inputs(artifact, pad_young, pad_tails):
+@pytest.mark.parametrize("min_group", [1, 32])
+def test_batched_inputs_equal_per_window_inputs(artifact, pad_young, min_group):
     """One inputs_batch call per group gives exactly what artifact.inputs per window gives."""
     rng = np.random.default_rng(8)
     curves = [light_curve(rng, int(n)) for n in rng.integers(5, 260, 30)]
     jobs = newest_point_jobs(rng, curves, artifact.receptive_field)
-    fast = Scorer(artifact, pad_young=pad_young, pad_tails=pad_tails)
-    slow = Scorer(artifact, vectorised=False, pad_young=pad_young, pad_tails=pad_tails)
+    fast = Scorer(artifact, pad_young=pad_young, min_group=min_group)
+    slow = Scorer(artifact, vectorised=False, pad_young=pad_young, min_group=min_group)
     assert fast.vectorised and not slow.vectorised
     for a, b in zip(fast.score(jobs), slow.score(jobs)):
         assert np.array_equal(a, b)

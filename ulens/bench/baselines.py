@@ -11,7 +11,8 @@ import numpy as np
 
 
 class NoopConsumer:
-    """Transport floor: the same consume() call as the broker, doing nothing with the alerts."""
+    """Transport floor: the broker's own poll (``broker.kafka_io.poll_batch``: wait only
+    for the first message, then take what has arrived), doing nothing with the alerts."""
 
     def __init__(self, settings, topic: str, group: str):
         from broker.consumer import consumer_config
@@ -27,9 +28,11 @@ class NoopConsumer:
         self.stop = threading.Event()
 
     def run(self, n_alerts: int) -> None:
+        from broker.kafka_io import poll_batch
+
         try:
             while self.n < n_alerts and not self.stop.is_set():
-                msgs = [m for m in self.c.consume(self.batch, self.timeout) if m.error() is None]
+                msgs = [m for m in poll_batch(self.c, self.batch, self.timeout) if m.error() is None]
                 if msgs:
                     now_ms = time.time() * 1000.0
                     self.latency_ms.append(np.fromiter((now_ms - m.timestamp()[1] for m in msgs),

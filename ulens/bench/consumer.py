@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -32,6 +33,14 @@ def _rubin_stream(run: Run, a, full: Path) -> tuple[Path, np.ndarray, str]:
     what = (f"{int(counts[:k].sum())} Rubin lsst.v11_1 packets of {k} whole {a.survey} events "
             f"({int(np.median(lens))} visits and {int(np.median(counts[:k]))} packets a median event)")
     return path, counts[:k], what
+
+
+def model_for(a) -> Optional[str]:
+    """``--model``, else the model that serves the survey (ulens.demo.MODEL_FOR_SURVEY; None:
+    the config's model.path)."""
+    from ulens.demo import MODEL_FOR_SURVEY
+
+    return a.model or MODEL_FOR_SURVEY.get(a.survey)
 
 
 def bench_consumer(run: Run, a) -> list[dict]:
@@ -60,7 +69,8 @@ def bench_consumer(run: Run, a) -> list[dict]:
         what = (f"{n} alerts over {n_events} events ({lens.min()}..{lens.max()} points each, "
                 f"survey days {sds.time.min():.1f}..{sds.time.max():.1f})")
     log(f"stream: {what}")
-    artifact = load_model(run.settings)
+    artifact = load_model(run.settings, model_for(a))
+    log(f"model: {model_for(a) or run.settings.model.path}")
 
     # 1. throughput: pre-produce, then one broker from start to the last commit
     topic = run.topic(f"{name}.alerts")
@@ -230,7 +240,7 @@ def bench_consumer(run: Run, a) -> list[dict]:
                               "with the length of the run"))
     rows.append(make_row(f"{name}.latency.alert_to_processed.p50", p50, "ms", f50,
                          note="alert produced (Kafka CreateTime) -> batch committed; baseline: a "
-                              "no-op consumer of the same topic with the same consume() call; " + common))
+                              "no-op consumer of the same topic with the broker's own poll (poll_batch); " + common))
     rows.append(make_row(f"{name}.latency.alert_to_processed.p99", p99, "ms", f99,
                          target="<= 100 ms at 1,000 Rubin packets/s offered" if rubin else None))
     rows.append(make_row(f"{name}.latency.alert_to_trigger.p50", t50, "ms", f50,

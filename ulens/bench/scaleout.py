@@ -60,7 +60,7 @@ def _wait_stable(client: dict, group: str, members: int, partitions: int, procs,
 
 
 def bench_scaleout(run: Run, a) -> list[dict]:
-    from ulens.bench.consumer import _rubin_stream
+    from ulens.bench.consumer import _rubin_stream, model_for
 
     rubin = a.format == "rubin"
     fmt = ["--format", "rubin"] if rubin else []
@@ -81,7 +81,9 @@ def bench_scaleout(run: Run, a) -> list[dict]:
         s = run.broker_settings(topic, f"scaleout{k}")
         conf = run.config_file(s, f"scaleout{k}")
         env = dict(os.environ, OMP_NUM_THREADS="1")       # one torch thread a process
-        cmd = run.ulens(["consume", "--until-idle", str(a.scaleout_idle)], conf)
+        model = model_for(a)
+        cmd = run.ulens(["consume", "--until-idle", str(a.scaleout_idle),
+                         *(["--model", model] if model else [])], conf)
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                  for _ in range(k)]
         try:
