@@ -1,4 +1,5 @@
-"""`ulens bench consumer|replay|inference|simulate|memory [--json]`: measured, not estimated.
+"""`ulens bench consumer|decode|replay|inference|simulate|memory|scaleout [--json]`: measured,
+not estimated.
 
 Every benchmark prints rows ``{"name", "value", "unit", "baseline", "ratio"}`` (optional
 ``note``; ``ratio = value / baseline``), preceded by one ``context`` row with the machine
@@ -6,14 +7,16 @@ Every benchmark prints rows ``{"name", "value", "unit", "baseline", "ratio"}`` (
 one JSON object per line; otherwise a table. Each figure is compared with a baseline
 measured in the same run, on the same data and machine (see docs/BENCHMARKS.md).
 
-Data: one simulated dataset (``--events``, half binary, fixed ``--seed``) is cached under
-``--cache-dir`` (default ``<services.cache_dir>/bench``), keyed by its parameters, with the
-streams cut from it (the first ``--alerts`` alerts in survey-time order). Topics, consumer
+Data: one simulated dataset per survey profile (``--events``, half binary, fixed ``--seed``)
+is cached under ``--cache-dir`` (default ``<services.cache_dir>/bench``), keyed by its
+parameters, with the streams cut from it (compact: the first ``--alerts`` alerts in
+survey-time order; Rubin: whole events making about ``--alerts`` packets). Topics, consumer
 groups and Redis keys of a run carry a unique tag and are deleted at the end.
 
-One module per benchmark (``consumer``, ``replay``, ``inference``, ``simulate``, ``memory``),
-the shared harness (``harness``: rows, machine context, cached datasets, the run's topics,
-groups and Redis prefixes) and the consumers a figure is compared with (``baselines``).
+One module per benchmark (``consumer``, ``decode``, ``replay``, ``inference``, ``simulate``,
+``memory``, ``scaleout``), the shared harness (``harness``: rows, machine context, cached
+datasets, the run's topics, groups and Redis prefixes) and the consumers a figure is
+compared with (``baselines``).
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from pathlib import Path
 
 
 from ulens.bench.consumer import bench_consumer
+from ulens.bench.decode import add_arguments as decode_arguments
+from ulens.bench.decode import bench_decode
 from ulens.bench.harness import Run, context_row, format_table, log, machine_context, make_row
 from ulens.bench.inference import bench_inference
 from ulens.bench.memory import bench_memory
@@ -35,11 +40,11 @@ from ulens.bench.scaleout import bench_scaleout
 from ulens.bench.simulate import bench_simulate
 
 
-HELP = ("throughput and latency benchmarks (consumer, replay, inference, simulate, memory, scaleout), each "
-        "against a baseline measured in the same run, with the machine's context")
+HELP = ("throughput and latency benchmarks (consumer, decode, replay, inference, simulate, memory, "
+        "scaleout), each against a baseline measured in the same run, with the machine's context")
 
 
-BENCHMARKS = ("consumer", "replay", "inference", "simulate", "memory", "scaleout")
+BENCHMARKS = ("consumer", "decode", "replay", "inference", "simulate", "memory", "scaleout")
 
 
 def _sizes(text: str) -> list[int]:
@@ -91,6 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--profile", metavar="DIR", default=None,
                    help="cProfile the consumer throughput run; write DIR/consumer_throughput.prof "
                         "('-' = print only) and print the top functions on stderr")
+    decode_arguments(p.add_argument_group("decode"))
     scaleout_arguments(p.add_argument_group("scaleout (its stream: --format, --survey and --alerts "
                                             "as for consumer)"))
     g = p.add_argument_group("inference")
@@ -123,7 +129,7 @@ def run(args) -> int:
     before = machine_context()
     rows: list[dict] = []
     r = Run(args)
-    fns = {"consumer": bench_consumer, "replay": bench_replay, "inference": bench_inference,
+    fns = {"consumer": bench_consumer, "decode": bench_decode, "replay": bench_replay, "inference": bench_inference,
            "simulate": bench_simulate, "memory": bench_memory, "scaleout": bench_scaleout}
     failed = []
     try:
