@@ -709,7 +709,7 @@ def load_model(settings, path=None, device: Optional[str] = None):
     from training.artifact import load_artifact
 
     # Beside Kafka and Redis on a small machine, extra torch threads spin against them:
-    # one thread measured 1.8-3.4x faster than two here (docs/BENCHMARKS.md).
+    # one thread measured 1.8-3.4x faster than two here (docs/BENCHMARKS_HISTORY.md).
     torch.set_num_threads(settings.consumer.torch_threads)
     return load_artifact(path or settings.model.resolved, device or settings.consumer.device)
 

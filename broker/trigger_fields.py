@@ -8,7 +8,7 @@ PSPL estimate (point-source point-lens, Paczynski 1986, ApJ 304, 1; formulas in
 * tdcnn trigger: :func:`fit_estimate`, the multi-band weighted least-squares fit in flux
   (``training.pspl.fit_pspl_bands``: one (t0, u0, tE), a source and a blend flux per
   band), run once when the trigger fires (triggers are rare; its cost is in
-  docs/BENCHMARKS.md, "Trigger PSPL estimate").
+  docs/BENCHMARKS_HISTORY.md, "Trigger PSPL estimate").
 * pspl-fit trigger: the rule's own robust fit at the deciding point
   (:func:`params_from_fit_state`), evaluated by :func:`estimate_at` like the fit above.
 

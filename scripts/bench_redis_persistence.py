@@ -11,7 +11,7 @@ run and the medians; the bench's JSON rows are kept under ``--output``.
     .venv/bin/python scripts/bench_redis_persistence.py [--rounds 3] [--output DIR] \
         [-- BENCH ARGS ...]          # default BENCH ARGS: see BENCH_ARGS below
 
-Figures in docs/BENCHMARKS.md ("Redis persistence").
+Figures in docs/BENCHMARKS_HISTORY.md ("Redis persistence").
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 ranges of u0, tE and source fraction fs.
 
 A PSPL event has no binary signal by construction, so a firing rate above the in-range
-control is a simulator artefact the model learned, not physics (docs/BENCHMARKS.md,
+control is a simulator artefact the model learned, not physics (docs/BENCHMARKS_HISTORY.md,
 "Prior leak"). PSPL events only, simulated in this process with one prior overridden at a
 time (the baseline set's otherwise), scored at the card threshold on the whole curve.
 

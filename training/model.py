@@ -67,7 +67,7 @@ class CausalConv1d(nn.Conv1d):
 # terms is off by about sqrt(K) u times the magnitudes summed: the shipped models' logits
 # come out up to 3.1e-5 from a float64 run (|logit| up to 9 on simulated light curves, 40
 # on U[0, 1] inputs), and P = sigmoid(l1 - l0) moves by at most a quarter of the error in
-# l1 - l0. Measured on a 2-core AMD EPYC (docs/BENCHMARKS.md, "Portability"): one event
+# l1 - l0. Measured on a 2-core AMD EPYC (docs/BENCHMARKS_HISTORY.md, "Portability"): one event
 # alone vs in batches of 2-1,500 rows, 1 or 2 threads, up to 1.1e-6; forward_last vs
 # forward up to 7.5e-6; either vs float64 up to 8.7e-6; and an H100 vs the CPU up to
 # 1.5e-5 on N(0, 1) inputs (same file, GPU section). 5e-5 leaves a margin of 3 over the

@@ -141,7 +141,7 @@ THESIS_PSPL_PRIORS = {"u0": U(0.01, 1.0), "tE": U(10.0, 150.0)}
 # ranges (fitted fs ~0.02 for wide binaries drawn with fs >= 0.5); a model trained on
 # the narrow ranges learns "outside them = binary" and fires on 44-73% of real single
 # lenses that are blended (fs < 0.5), long (tE > 100 d) or far (u0 > 0.5)
-# (docs/BENCHMARKS.md, "Prior leak").
+# (docs/BENCHMARKS_HISTORY.md, "Prior leak").
 WIDE_SHARED_PRIORS = {"u0": U(0.001, 1.0), "tE": LogU(5.0, 250.0), "fs": LogU(0.01, 1.0)}
 SHARED_PRIORS = ("set", "wide")
 

@@ -40,8 +40,9 @@ DEFAULT_EVENTS = 150
 # None: the config's model.path
 MODEL_FOR_SURVEY = {"lsst": None, "thesis": "models/tdcnn-baseline"}
 DEFAULT_RATE = 2000.0       # alerts/s; measured in docs/BENCHMARKS.md, "Demo"
-# Rubin packets: ~280 packets/s sustained here (an lsst.v11_1 packet with a year of history
-# is ~8 KB; its Avro decode, ~2 ms, is most of the cost): docs/BENCHMARKS.md, "Demo"
+# Rubin packets: one consumer sustains ~3,000 packets/s here in full batches, but a batch of
+# one or two packets costs ~20 ms (the offset commit, Redis and model calls), so 100
+# packets/s keeps it busy with small batches and the latency is its own: docs/BENCHMARKS.md, "Demo"
 DEFAULT_RATE_RUBIN = 100.0
 ASSIGN_TIMEOUT_S = 120.0   # waiting for the consumer's partitions before the replay starts
 REPLAY_LINGER_MS = 5        # the replay producer's linger (its default, 25 ms, is for throughput)

@@ -123,3 +123,38 @@ def test_command_is_registered_and_parses():
     assert a.benchmark == ["inference", "simulate"] and a.json and a.batch_sizes == [1, 8]
     with pytest.raises(SystemExit):
         p.parse_args(["nonsense"])
+
+
+def test_scaleout_and_rubin_options_parse():
+    from ulens.bench.scaleout import _processes
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    a = p.parse_args(["consumer", "scaleout", "--format", "rubin", "--processes", "1,2,4"])
+    assert a.format == "rubin" and a.processes == [1, 2, 4] and a.survey is None and a.rate is None
+    assert _processes("2, 8") == [2, 8]
+    for bad in ("0,2", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _processes(bad)
+    with pytest.raises(SystemExit):
+        p.parse_args(["consumer", "--format", "json"])
+    # the datasets of two surveys never share a cache file; the thesis one keeps its old name
+    assert harness.dataset_path("/c", 5, 5, 1) != harness.dataset_path("/c", 5, 5, 1, "lsst")
+    assert harness.dataset_path("/c", 5, 5, 1).name.startswith("sim_pspl5")
+
+
+def test_decode_benchmark_small(tmp_path):
+    """`ulens bench decode` on a few lsst events: every way reads the same packets (no services)."""
+    from types import SimpleNamespace
+
+    from tests.helpers import rubin_schemas
+    from ulens.bench.decode import bench_decode
+
+    rubin_schemas((11, 1))
+    import config as cfg
+
+    run = SimpleNamespace(cache=tmp_path, settings=cfg.load(None))
+    a = SimpleNamespace(survey="lsst", events=16, seed=3, workers=0, decode_packets=200)
+    rows = bench_decode(run, a)
+    assert [r["name"] for r in rows] == ["decode.rubin.batch", "decode.rubin.fastavro", "decode.rubin.polars"]
+    assert all(r["value"] > 0 and r["baseline"] > 0 for r in rows)

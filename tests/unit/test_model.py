@@ -146,7 +146,7 @@ def test_forward_last_shipped_model(name):
     # Its logits reach |40| on inputs in [0, 1], and forward and forward_last each come out
     # up to ~3e-5 from a float64 run (the random BatchNorm models: 1e-7). That rounding
     # follows the magnitudes summed inside the net, not the logit: measured, the difference
-    # is ~2e-5 at |logit| < 2 as at |logit| > 20 (AMD EPYC, docs/BENCHMARKS.md,
+    # is ~2e-5 at |logit| < 2 as at |logit| > 20 (AMD EPYC, docs/BENCHMARKS_HISTORY.md,
     # "Portability"). So the logits are held to an absolute bound, LOGIT_TOLERANCE, and
     # P(binary), what the broker uses, to PROB_TOLERANCE.
     _check_all(m, list(range(1, 300, 7)) + [96, 97, 98, 99, 104, 300], batch=4,
