@@ -192,15 +192,26 @@ class Scorer:
                         band[row, :n], band[row, n:] = jobs[i].band, jobs[i].band[0]
                 x = self.artifact.inputs_batch(t, mag, err, lengths=lens, band=band)  # 0 past each length
             else:
-                xs = [_window_inputs_one(self.artifact, jobs[i]) for i in young]
-                x = np.zeros((len(xs), int(lens.max()), xs[0].shape[1]), dtype=np.float32)
-                for row, a in enumerate(xs):
-                    x[row, :len(a)] = a
-            p = self.artifact.predict(x)
-            for row, i in enumerate(young):
-                n = lens[row]
-                out[i] = p[row, n - jobs[i].n_new:n]
+                x = self._one_by_one_padded(jobs, young, int(lens.max()))
+            self._predict_padded(jobs, young, lens, x, out)
         return out  # type: ignore[return-value]
+
+    def _one_by_one_padded(self, jobs: list[Job], members: list[int], w: int) -> np.ndarray:
+        """Model input (m, w, C) of windows built one by one, right-padded with zeros."""
+        xs = [_window_inputs_one(self.artifact, jobs[i]) for i in members]
+        x = np.zeros((len(xs), w, xs[0].shape[1]), dtype=np.float32)
+        for row, a in enumerate(xs):
+            x[row, :len(a)] = a
+        return x
+
+    def _predict_padded(self, jobs: list[Job], members: list[int], lens: np.ndarray, x: np.ndarray,
+                        out: list) -> None:
+        """One full pass over right-padded windows; each job's new points (the last of its
+        ``lens[row]`` rows) into ``out``."""
+        p = self.artifact.predict(x)
+        for row, i in enumerate(members):
+            n = lens[row]
+            out[i] = p[row, n - jobs[i].n_new:n]
 
     def _padded_tails(self, jobs: list[Job], members: list[int], out: list) -> None:
         """Tail windows of several lengths right-padded to one, one full ``predict``
@@ -224,11 +235,5 @@ class Scorer:
             x = self.artifact.inputs_batch(t[:, 1:], mag, err, reference=ref, prev_time=t[:, 0],
                                            lengths=lens, band=band)
         else:
-            xs = [_window_inputs_one(self.artifact, jobs[i]) for i in members]
-            x = np.zeros((len(xs), w, xs[0].shape[1]), dtype=np.float32)
-            for row, a in enumerate(xs):
-                x[row, :len(a)] = a
-        p = self.artifact.predict(x)
-        for row, i in enumerate(members):
-            n = lens[row]
-            out[i] = p[row, n - jobs[i].n_new:n]
+            x = self._one_by_one_padded(jobs, members, w)
+        self._predict_padded(jobs, members, lens, x, out)

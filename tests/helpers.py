@@ -1,8 +1,10 @@
 """Shared test helpers. Test alerts are built only here, through the real schema."""
 from __future__ import annotations
 
+import os
 import time
 import uuid
+from pathlib import Path
 
 from schemas import default_codec, samples
 from ulens.services import free_ports  # noqa: F401  (the tests' private services use it from here)
@@ -98,3 +100,17 @@ def rubin_schemas(*versions):
             pytest.fail(why + " (CI fetches them in scripts/setup.sh)")
         pytest.skip(why)
     return rubin.schema_dir()
+
+
+def signal_and_wait(pid: int, sig, what: str, timeout_s: float = 30.0) -> None:
+    """Send ``sig`` to ``pid`` and wait until the process is gone (or a zombie)."""
+    os.kill(pid, sig)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except OSError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} (pid {pid}) did not stop")

@@ -24,10 +24,8 @@ topic is empty; the consumer never exited. The figures are printed ("cluster tie
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,7 +36,7 @@ from broker.consumer import redis_client
 from tests.faults.conftest import ConsumerProc, committed, read_all, write_config
 from tests.faults.test_service_faults import (one_trigger_per_event, replay, replay_done, simulated,
                                               trigger_messages)
-from tests.helpers import unique
+from tests.helpers import signal_and_wait, unique
 from ulens import services_cluster as cl
 
 pytestmark = pytest.mark.cluster
@@ -70,16 +68,7 @@ def _leader(bootstrap: str, topic: str, partition: int) -> int:
 
 
 def _kill(pid: int) -> None:
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return
-        except OSError:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"process {pid} did not die")
+    signal_and_wait(pid, signal.SIGKILL, "a killed node")
 
 
 def _primary_with_most(settings, prefix: str) -> tuple[int, int]:

@@ -49,6 +49,7 @@ from schemas import default_codec
 from tests.faults.conftest import (REPO, ConsumerProc, assert_committed_are_persisted, clean_env,
                                    committed, create_topics, read_all, redis_dump,
                                    stored_events, watermarks)
+from tests.helpers import signal_and_wait
 from training.dataset import load as load_dataset
 from training.photometry import mag_to_njy
 
@@ -531,17 +532,7 @@ def _redis_start(p) -> int:
 
 
 def _redis_stop(p, sig) -> None:
-    pid = p.pid("redis")
-    os.kill(pid, sig)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return
-        except OSError:
-            return
-        time.sleep(0.05)
-    raise AssertionError("redis-server did not stop")
+    signal_and_wait(p.pid("redis"), sig, "redis-server")
 
 
 def assert_redis_as_shipped(p) -> dict:

@@ -31,7 +31,8 @@ from pathlib import Path
 from ulens.bench.consumer import bench_consumer
 from ulens.bench.decode import add_arguments as decode_arguments
 from ulens.bench.decode import bench_decode
-from ulens.bench.harness import Run, context_row, format_table, log, machine_context, make_row
+from ulens.bench.harness import (Run, context_row, format_table, log, machine_context, make_row,
+                                 positive_ints)
 from ulens.bench.inference import bench_inference
 from ulens.bench.memory import bench_memory
 from ulens.bench.replay import bench_replay
@@ -47,14 +48,7 @@ HELP = ("throughput and latency benchmarks (consumer, decode, replay, inference,
 BENCHMARKS = ("consumer", "decode", "replay", "inference", "simulate", "memory", "scaleout")
 
 
-def _sizes(text: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
-    return out
+_sizes = positive_ints("batch sizes")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -27,6 +27,22 @@ import numpy as np
 SIM_DEFAULTS = {"parameter_set": "baseline", "cadence_mask_prob": 0.2, "mag_error_std": 0.05}
 
 
+def positive_ints(what: str):
+    """An argparse type: comma-separated integers >= 1 (``what`` names them in the error)."""
+    import argparse
+
+    def parse(text: str) -> list[int]:
+        try:
+            out = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+        if not out or min(out) < 1:
+            raise argparse.ArgumentTypeError(f"{what} must be >= 1, got {text!r}")
+        return out
+
+    return parse
+
+
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 

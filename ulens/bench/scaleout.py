@@ -13,7 +13,6 @@ stops on a small machine: Kafka, Redis and the consumers share its cores.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -21,17 +20,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from ulens.bench.harness import Run, cached_dataset, cached_derived, first_alerts, load_dataset, log, make_row
+from ulens.bench.harness import (Run, cached_dataset, cached_derived, first_alerts, load_dataset, log,
+                                 make_row, positive_ints)
 
 
-def _processes(text: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated process counts, got {text!r}") from None
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"process counts must be >= 1, got {text!r}")
-    return out
+_processes = positive_ints("process counts")
 
 
 def _wait_stable(client: dict, group: str, members: int, partitions: int, procs, timeout: float = 120.0) -> None:
