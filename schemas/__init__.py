@@ -146,6 +146,10 @@ class Codec:
     def kind_of(self, schema_id: int) -> str:
         return self._kind[schema_id]
 
+    def ids_of(self, kind: str) -> list[int]:
+        """The known schema ids of ``kind`` (``rubin``: Rubin's packets), ascending."""
+        return sorted(sid for sid, k in self._kind.items() if k == kind)
+
     def block_reader(self, schema_id: int, columns: Optional[list] = None):
         """A :class:`schemas.avro_block.BlockReader` of the known schema ``schema_id`` that
         returns ``columns``, made once; None when that schema is not read in blocks (or was

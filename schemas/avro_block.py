@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from typing import Optional
 
 import fastavro
@@ -170,13 +171,10 @@ class BlockReader:
         data = b"".join(bodies) + self._sentinel
         return b"".join((self._header, zigzag(len(bodies) + 1), zigzag(len(data)), data, SYNC))
 
-    def read(self, bodies: list):
-        """A polars DataFrame of the records of ``bodies`` (one row each, in order), or
-        None when the block does not decode or its records are not where the bodies are."""
+    def _read_one(self, bodies: list):
+        """The DataFrame of one block of ``bodies``, or None (see :meth:`read`)."""
         import polars as pl
 
-        if not bodies:
-            return None
         try:
             ids = [read_long(b)[0] for b in bodies]
             cols = None if self.columns is None else [self.first_field, *self.columns]
@@ -191,6 +189,40 @@ class BlockReader:
         if got[-1] != SENTINEL_ID or got.head(len(bodies)).to_list() != ids:
             return None
         return df.head(len(bodies))
+
+    def read(self, bodies: list):
+        """A polars DataFrame of the records of ``bodies`` (one row each, in order), or
+        None when a block does not decode or its records are not where the bodies are.
+
+        A large batch is cut into up to :data:`THREADS` blocks read at once: polars
+        releases the GIL while it decodes (1,000 + 1,000 packets on two threads: 73 against
+        115 µs a packet on one, 2-core AMD EPYC)."""
+        import polars as pl
+
+        if not bodies:
+            return None
+        parts = max(1, min(THREADS, len(bodies) // MIN_PART))
+        if parts == 1:
+            return self._read_one(bodies)
+        size = -(-len(bodies) // parts)
+        dfs = list(_pool().map(self._read_one, [bodies[i:i + size] for i in range(0, len(bodies), size)]))
+        if any(df is None for df in dfs):
+            return None
+        return pl.concat(dfs, rechunk=False)
+
+
+THREADS = max(1, min(4, os.cpu_count() or 1))   # blocks decoded at once (polars frees the GIL)
+MIN_PART = 256                                   # packets a block at least, when cut
+_POOL = None
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(THREADS, thread_name_prefix="avro-block")
+    return _POOL
 
 
 def block_reader(schema: dict, columns: Optional[list[str]] = None) -> Optional[BlockReader]:

@@ -125,11 +125,25 @@ def assert_same(a, b):
     assert a.history_skipped == b.history_skipped
 
 
+@pytest.fixture(params=["one block", "three blocks on threads"])
+def blocks(request, monkeypatch):
+    """A batch read as one block, or cut into three read at once (avro_block.THREADS)."""
+    if request.param != "one block":
+        monkeypatch.setattr(avro_block, "THREADS", 3)
+        monkeypatch.setattr(avro_block, "MIN_PART", 8)
+    return request.param
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_blocks_and_single_packets_give_the_same_batch(seed, monkeypatch):
+def test_blocks_and_single_packets_give_the_same_batch(seed, monkeypatch, blocks):
     codec, values, keys = _batch(np.random.default_rng(seed), 300)
+    parts = []
+    one = avro_block.BlockReader._read_one
+    monkeypatch.setattr(avro_block.BlockReader, "_read_one", lambda self, b: parts.append(len(b)) or one(self, b))
+    mode = blocks
     blocks, single, n_read = _both(codec, values, keys, monkeypatch)
     assert n_read == 1                                  # the block path was taken
+    assert parts == ([300] if mode == "one block" else [100, 100, 100])
     assert_same(blocks, single)
     reasons = {r.reason for r in single.rejected.values()}
     # the faults drawn reached the checks they were drawn for
@@ -140,7 +154,7 @@ def test_blocks_and_single_packets_give_the_same_batch(seed, monkeypatch):
 
 
 @pytest.mark.parametrize("damage", ["trailing", "truncated", "trailing_last", "garbage"])
-def test_a_bad_body_sends_the_batch_one_by_one_with_its_reason(damage, monkeypatch):
+def test_a_bad_body_sends_the_batch_one_by_one_with_its_reason(damage, monkeypatch, blocks):
     codec, values, keys = _batch(np.random.default_rng(7), 40)
     j = 39 if damage == "trailing_last" else 17
     if damage in ("trailing", "trailing_last"):
@@ -211,7 +225,7 @@ def test_inlined_references_change_no_byte():
 # ---------------------------------------------------------------------------- with Rubin's schemas
 
 @pytest.mark.parametrize("version", [(11, 1), (10, 0)], ids=["11.1", "10.0"])
-def test_replayed_rubin_packets_read_the_same_both_ways(version, monkeypatch):
+def test_replayed_rubin_packets_read_the_same_both_ways(version, monkeypatch, blocks):
     from replay.rubin import RubinPackets
     from replay.stream import from_dataset, plan
     from schemas import rubin
