@@ -50,20 +50,21 @@ def _paced(run: Run, stream: Path, topic: str, replay_args: list, consume, n: in
     return json.loads(proc.report_path.read_text())
 
 
-def _rubin_stream(run: Run, a, full: Path) -> tuple[Path, np.ndarray, str]:
-    """Whole events of the survey dataset, as many as make about ``--alerts`` Rubin packets
-    (one per 5-sigma detection, each with a year of history): (file, packets per event, what)."""
+def rubin_stream(run: Run, full: Path, packets: int, survey: str) -> tuple[Path, np.ndarray, str]:
+    """Whole events of the survey dataset ``full``, as many as make about ``packets`` Rubin
+    packets (one per 5-sigma detection, each with a year of history): (file, packets per
+    event, what)."""
     from replay.stream import from_dataset, plan
 
     ds = load_dataset(full)
     r = run.settings.replay
     counts = plan(from_dataset(ds, r.start_mjd), detections_only=True,
                   snr_threshold=r.snr_threshold).per_event_counts()
-    k = int(min(ds.n_events, np.searchsorted(np.cumsum(counts), a.alerts) + 1))
+    k = int(min(ds.n_events, np.searchsorted(np.cumsum(counts), packets) + 1))
     path = cached_derived(Path(str(full).replace(".npz", f"_events{k}.npz")),
                           lambda: ds.subset(np.arange(k)))
     lens = ds.lengths()[:k]
-    what = (f"{int(counts[:k].sum())} Rubin lsst.v11_1 packets of {k} whole {a.survey} events "
+    what = (f"{int(counts[:k].sum())} Rubin lsst.v11_1 packets of {k} whole {survey} events "
             f"({int(np.median(lens))} visits and {int(np.median(counts[:k]))} packets a median event)")
     return path, counts[:k], what
 
@@ -89,7 +90,7 @@ def bench_consumer(run: Run, a) -> list[dict]:
     rows: list[dict] = []
     full = cached_dataset(run.cache, a.events, a.seed, a.workers, a.survey)
     if rubin:
-        stream, lens, what = _rubin_stream(run, a, full)
+        stream, lens, what = rubin_stream(run, full, a.alerts, a.survey)
         n = int(lens.sum())
         n_events = len(lens)
     else:

@@ -55,6 +55,7 @@ def bench_decode(run: Run, a) -> list[dict]:
     import broker.validate as v
     from broker.rubin_columns import COLUMNS
     from broker.schema_registry import codec_for
+    from ulens.bench.consumer import rubin_stream
     from replay.rubin import RubinPackets
     from replay.stream import from_dataset, plan
     from schemas import HEADER, MAGIC, rubin
@@ -62,13 +63,11 @@ def bench_decode(run: Run, a) -> list[dict]:
     survey = a.survey if a.survey != "thesis" else "lsst"
     full = cached_dataset(run.cache, a.events, a.seed, a.workers, survey)
     r = run.settings.replay
-    ds = load_dataset(full)
-    counts = plan(from_dataset(ds, r.start_mjd), detections_only=True,
-                  snr_threshold=r.snr_threshold).per_event_counts()
     # whole events (every packet of each, so their history is as long as the survey makes it)
-    k = int(min(ds.n_events, np.searchsorted(np.cumsum(counts), a.decode_packets) + 1))
-    p = plan(from_dataset(ds.subset(np.arange(k)), r.start_mjd), detections_only=True,
-             snr_threshold=r.snr_threshold)
+    stream, _, _ = rubin_stream(run, full, a.decode_packets, survey)
+    sub = load_dataset(stream)
+    k = sub.n_events
+    p = plan(from_dataset(sub, r.start_mjd), detections_only=True, snr_threshold=r.snr_threshold)
     schema = rubin.load_schema(11, 1)
     sid = rubin.schema_id(11, 1)
     hdr = HEADER.pack(MAGIC, sid)

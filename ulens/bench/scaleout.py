@@ -53,13 +53,13 @@ def _wait_stable(client: dict, group: str, members: int, partitions: int, procs,
 
 
 def bench_scaleout(run: Run, a) -> list[dict]:
-    from ulens.bench.consumer import _rubin_stream, model_for
+    from ulens.bench.consumer import model_for, rubin_stream
 
     rubin = a.format == "rubin"
     fmt = ["--format", "rubin"] if rubin else []
     full = cached_dataset(run.cache, a.events, a.seed, a.workers, a.survey)
     if rubin:
-        stream, lens, what = _rubin_stream(run, a, full)
+        stream, lens, what = rubin_stream(run, full, a.alerts, a.survey)
         n = int(lens.sum())
     else:
         stream = cached_derived(Path(str(full).replace(".npz", f"_first{a.alerts}.npz")),
