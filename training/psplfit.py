@@ -585,6 +585,54 @@ def _reg(x):
     return x + (1e-9 * np.abs(x) + 1e-300)
 
 
+def _leverage(R: _Rows, P: _Point, Gn, Ga, Gb):
+    """g_q' I^-1 g_q and g_q' I^-1 grad per window q (the statistic's V and T corrections),
+    by the block form of I (:func:`_statistic`): ``Gn`` (B, 3, Q+1), ``Ga``, ``Gb`` (B, K,
+    Q+1) the windows' sums of psi J / sigma^2 over (t0, ln u0, ln tE), a_k and b_k, the
+    fit's gradient in the last column. Returns (corr, shift), each (B, Q); 0 for a row
+    without a fit (no band with a source flux, or a non-finite matrix)."""
+    B, K = R.cnt.shape
+    Q = Gn.shape[2] - 1
+    S = P.S                                     # flat (B * K,) band rows, as P's sums
+    pa = P.a.ravel()
+    few = R.few.ravel()
+    empty = (R.cnt == 0).ravel()
+    Hnn = _ksum((pa * pa)[:, None, None] * P.DD, K)                             # (B, 3, 3)
+    Hnn[:, np.arange(3), np.arange(3)] = _reg(np.einsum("bii->bi", Hnn))
+    Ca = np.where(few[:, None], 0.0, pa[:, None] * P.DA)                       # (B K, 3)
+    Cb = pa[:, None] * P.Dv
+    Daa = np.where(few, 1.0, _reg(S["AA"]))
+    Dab = np.where(few, 0.0, S["A"])
+    Dbb = np.where(empty, 1.0, _reg(S["w"]))
+    Ga = np.where(few[:, None], 0.0, Ga.reshape(B * K, Q + 1))
+    Gb = Gb.reshape(B * K, Q + 1)
+    det = Daa * Dbb - Dab * Dab
+    ia, ib, iab = Dbb / det, Daa / det, -Dab / det                             # D_k^-1
+    ya = ia[:, None] * Ga + iab[:, None] * Gb                                  # D_k^-1 (g_a, g_b)
+    yb = iab[:, None] * Ga + ib[:, None] * Gb
+    band_q = _ksum(Ga[:, :-1] * ya[:, :-1] + Gb[:, :-1] * yb[:, :-1], K)                   # (B, Q)
+    band_s = _ksum(Ga[:, :-1] * ya[:, -1:] + Gb[:, :-1] * yb[:, -1:], K)
+    gh = Gn - _ksum(Ca[:, :, None] * ya[:, None, :] + Cb[:, :, None] * yb[:, None, :], K)  # (B, 3, Q+1)
+    Sc = Hnn - _ksum(ia[:, None, None] * Ca[:, :, None] * Ca[:, None, :]
+                     + iab[:, None, None] * (Ca[:, :, None] * Cb[:, None, :] + Cb[:, :, None] * Ca[:, None, :])
+                     + ib[:, None, None] * Cb[:, :, None] * Cb[:, None, :], K)
+    fitted = (~P.flat & np.all(np.isfinite(Sc.reshape(B, -1)), axis=1)
+              & np.all(np.isfinite(gh.reshape(B, -1)), axis=1)
+              & np.isfinite(band_q).all(1) & np.isfinite(band_s).all(1))
+    corr = np.zeros((B, Q))
+    shift = np.zeros((B, Q))
+    if fitted.any():
+        fi = np.flatnonzero(fitted)
+        try:
+            X = np.linalg.solve(Sc[fi], gh[fi])
+        except np.linalg.LinAlgError:
+            X = np.stack([np.linalg.lstsq(Sc[i], gh[i], rcond=None)[0] for i in fi])
+        g = gh[fi][:, :, :-1]
+        corr[fi] = band_q[fi] + np.einsum("bjq,bjq->bq", g, X[:, :, :-1])
+        shift[fi] = band_s[fi] + np.einsum("bjq,bj->bq", g, X[:, :, -1])
+    return corr, shift
+
+
 def _statistic(R: _Rows, P: _Point, scale, p: Params):
     """D (max over windows of the offset Δχ², Gauss-Newton: valid also when P is not the
     converged fit) and the activity test, per row.
@@ -642,45 +690,7 @@ def _statistic(R: _Rows, P: _Point, scale, p: Params):
     Gn[:, :, -1] = P.g3
     Ga[:, :, -1] = P.grad_a
     Gb[:, :, -1] = P.grad_b
-    # the information matrix's blocks (module doc: regularised diagonal)
-    # (flat (B * K,) band rows, as P's sums)
-    S = P.S
-    pa = P.a.ravel()
-    few = R.few.ravel()
-    empty = (R.cnt == 0).ravel()
-    Hnn = _ksum((pa * pa)[:, None, None] * P.DD, K)                             # (B, 3, 3)
-    Hnn[:, np.arange(3), np.arange(3)] = _reg(np.einsum("bii->bi", Hnn))
-    Ca = np.where(few[:, None], 0.0, pa[:, None] * P.DA)                       # (B K, 3)
-    Cb = pa[:, None] * P.Dv
-    Daa = np.where(few, 1.0, _reg(S["AA"]))
-    Dab = np.where(few, 0.0, S["A"])
-    Dbb = np.where(empty, 1.0, _reg(S["w"]))
-    Ga = np.where(few[:, None], 0.0, Ga.reshape(B * K, Q + 1))
-    Gb = Gb.reshape(B * K, Q + 1)
-    det = Daa * Dbb - Dab * Dab
-    ia, ib, iab = Dbb / det, Daa / det, -Dab / det                             # D_k^-1
-    ya = ia[:, None] * Ga + iab[:, None] * Gb                                  # D_k^-1 (g_a, g_b)
-    yb = iab[:, None] * Ga + ib[:, None] * Gb
-    band_q = _ksum(Ga[:, :-1] * ya[:, :-1] + Gb[:, :-1] * yb[:, :-1], K)                   # (B, Q)
-    band_s = _ksum(Ga[:, :-1] * ya[:, -1:] + Gb[:, :-1] * yb[:, -1:], K)
-    gh = Gn - _ksum(Ca[:, :, None] * ya[:, None, :] + Cb[:, :, None] * yb[:, None, :], K)  # (B, 3, Q+1)
-    Sc = Hnn - _ksum(ia[:, None, None] * Ca[:, :, None] * Ca[:, None, :]
-                     + iab[:, None, None] * (Ca[:, :, None] * Cb[:, None, :] + Cb[:, :, None] * Ca[:, None, :])
-                     + ib[:, None, None] * Cb[:, :, None] * Cb[:, None, :], K)
-    fitted = (~P.flat & np.all(np.isfinite(Sc.reshape(B, -1)), axis=1)
-              & np.all(np.isfinite(gh.reshape(B, -1)), axis=1)
-              & np.isfinite(band_q).all(1) & np.isfinite(band_s).all(1))
-    corr = np.zeros((B, Q))
-    shift = np.zeros((B, Q))
-    if fitted.any():
-        fi = np.flatnonzero(fitted)
-        try:
-            X = np.linalg.solve(Sc[fi], gh[fi])
-        except np.linalg.LinAlgError:
-            X = np.stack([np.linalg.lstsq(Sc[i], gh[i], rcond=None)[0] for i in fi])
-        g = gh[fi][:, :, :-1]
-        corr[fi] = band_q[fi] + np.einsum("bjq,bjq->bq", g, X[:, :, :-1])
-        shift[fi] = band_s[fi] + np.einsum("bjq,bj->bq", g, X[:, :, -1])
+    corr, shift = _leverage(R, P, Gn, Ga, Gb)
     V = np.maximum(V0 - corr, 0.05 * V0)
     Tadj = T - shift
     enough = R.n[:, None] >= np.asarray(ks)[None, :]
