@@ -10,15 +10,30 @@ per-point arithmetic.
 
 Model and fit (per event)
 -------------------------
-Flux relative to the event's first point, ``F = 10**(-0.4 (m - m_ref))``, modelled as
-``F(t) = a A(t; t0, u0, tE) + b`` (``a`` source flux >= 0, ``b`` blend with
-``a/(a+b) <= fs_max``: bounded negative blending, which removes the rising-wing
-degeneracy u0 -> large, a -> inf, b -> -inf): the fluxes are solved in closed form for
-every (t0, ln u0, ln tE) ("variable projection", as the detectability fit); only the
-three non-linear parameters are iterated. The magnification and its derivatives, the
-bounded closed-form fluxes and the 3x3 solve are the PSPL core's (``training.pspl``,
-whose module doc gives the formulas); the robust weights, the LM step and the statistic
-are this rule's.
+Microlensing is achromatic, the source and the blend have their own colours: each band k
+has its own source and blend flux and all bands share (t0, u0, tE), the standard model of
+multi-band and multi-site light curves (every data set gets its own source and blend
+flux, e.g. MulensModel, Poleski & Yee 2019, Astronomy and Computing 26, 35; here as
+``training.pspl.fit_pspl_bands``, the detectability onset's offline fit). A curve is
+(time, mag, mag_err) (one band) or (time, mag, mag_err, band) with u8 band codes, mapped
+to ``N_SLOTS`` slots by ``training.features.band_slots`` (u g r i z y and one slot for any
+other code). Flux relative to the band's first point, ``F = 10**(-0.4 (m - m_ref[k]))``
+(the reference is kept in the state when the band is first seen, so it outlives the
+point), modelled as ``F(t) = a_k A(t; t0, u0, tE) + b_k`` (``a_k`` source flux >= 0,
+``b_k`` blend with ``a_k/(a_k+b_k) <= fs_max``: bounded negative blending, which removes
+the rising-wing degeneracy u0 -> large, a -> inf, b -> -inf). The fluxes are solved in
+closed form, band by band, for every (t0, ln u0, ln tE) ("variable projection", as the
+detectability fit); only the three non-linear parameters are iterated. Given them the
+bands' fluxes are independent, so chi^2, the reduced (VarPro) Gauss-Newton matrix and
+its gradient are sums over the bands of the one-band ones. A band with fewer than
+``MIN_BAND_POINTS`` points has a constant flux (a_k = 0, b_k its weighted mean): it
+cannot say anything about the magnification yet. Every per-band quantity is computed
+band by band and a band an event lacks adds exact zeros, so an event's arithmetic does
+not depend on which bands the other events of its group have, and a one-band curve (any
+code) gives the bits of the (time, mag, mag_err) curve. The magnification and its
+derivatives, the bounded closed-form fluxes and the 3x3 solve are the PSPL core's
+(``training.pspl``, whose module doc gives the formulas); the robust weights, the LM step
+and the statistic are this rule's.
 
 * Likelihood: the errors are Gaussian in magnitude, so each point's flux error is
   ``sigma_F = 0.921 sigma_m F_model`` with the *model* flux of the current iterate
@@ -26,7 +41,8 @@ are this rule's.
   to the flux one that over-weights faint fluctuations).
 * Robust loss: soft-L1 on the (first-order) magnitude residual z, IRLS weights
   ``1/sqrt(1 + (z/(c s))^2)``; ``s`` is the event's error scale, estimated without the
-  model from the scatter of consecutive points (:func:`error_scale`, at least 1),
+  model from the scatter of consecutive points of the same band (:func:`error_scale`, at
+  least 1; across bands the step would be the colour),
   re-estimated at each multi-start refit: under-estimated errors do not make every point
   an anomaly, and the anomaly itself (a bad PSPL fit) cannot inflate the scale and hide.
 * Warm start: each new point costs ``steps_per_point`` Levenberg-Marquardt steps from
@@ -38,8 +54,9 @@ are this rule's.
   is (most of a 1,000-day light curve is baseline).
 * Multi-start refit ("refit when the fit is poor"): a grid of 64 starts (t0 at the
   brightest 3-point run, and 3, 15 and 50 days after the newest point, for rising events;
-  u0 0.03/0.1/0.3/1; tE 5/15/40/100 d), ranked by robust cost on a subsample (the newest
-  32 points and every r-th older one), the best ``restart_keep`` refined there by
+  u0 0.03/0.1/0.3/1; tE 5/15/40/100 d), ranked by robust cost (per-band closed-form
+  fluxes) on a subsample (the newest 32 points and every r-th older one; a band the
+  subsample misses keeps its current fluxes), the best ``restart_keep`` refined there by
   ``restart_iter`` LM steps; the two best and the current solution then get
   ``FINE_ITER`` steps on all points and the lowest robust cost wins. It runs at the
   first fit (``min_points``), on tracked points when the number of points has grown by
@@ -64,15 +81,22 @@ model whether or not the fit has converged on the new point::
     Δχ²_W = T_W^2 / V_W / s^2
 
 with ``g_W = sum_W psi_i J_i / sigma_i^2``, ``I = sum psi_i J_i J_i' / sigma_i^2`` the
-(robust) information of the five PSPL parameters (J = dF/d(t0, ln u0, ln tE, a, b)) and
-``grad`` the fit's gradient over all points: the leverage terms stop a young event, whose
-PSPL is still free to bend, from calling its own newest points anomalous, and a fit one
-LM step behind from calling its own lag an anomaly. ``D_n = max_W Δχ²_W``.
+(robust) information of the PSPL parameters (J = dF/d(t0, ln u0, ln tE, a_1, b_1, ..,
+a_K, b_K), each point's flux derivatives those of its own band) and ``grad`` the fit's
+gradient over all points: the leverage terms stop a young event, whose PSPL is still
+free to bend, from calling its own newest points anomalous (nor a band's first points:
+its own b_k absorbs them), and a fit one LM step behind from calling its own lag an
+anomaly. I is block-structured (the bands' 2x2 flux blocks are coupled only through the
+shared parameters), so ``g' I^-1 h`` is taken by block elimination: closed-form 2x2
+inverses per band and one 3x3 solve of the Schur complement (:func:`_leverage`).
+``D_n = max_W Δχ²_W``.
 
-The event is *active* at n when (i) the PSPL amplitude is significant,
-``a^2 / var(a) >= event_dchi2`` (the Δχ² of the fit against a constant flux at fixed
-t0, u0, tE), and (ii) the model is significantly magnified at the newest point,
-``a (A(t_n) - 1) >= active_sigma s sigma_n``. Points before ``min_points`` or not active
+The event is *active* at n when (i) the PSPL amplitude is significant over the bands,
+``sum_k a_k^2 / var(a_k) >= event_dchi2`` (var(a_k) = S_w / det at fixed t0, u0, tE with
+b_k free: each band's Δχ² of the fit against a constant flux in that band, summed; for
+one band the one-band test), and (ii) the model is significantly magnified at the newest
+point in that point's band, ``a_k (A(t_n) - 1) >= active_sigma s sigma_n``. Points
+before ``min_points`` or not active
 get ``D_n = -inf``. The event fires at the first point with ``D_n >= threshold``; its
 score (ROC curves, threshold choice) is ``max_n D_n``, so it fires at threshold
 ``thr`` exactly when its score is ``>= thr`` (as ``training.decision`` for the TD-CNN),
