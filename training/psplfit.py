@@ -281,22 +281,27 @@ class _Rows:
         self.valid = (np.arange(L)[None, :] < n[:, None]).astype(np.float64) if valid is None else valid
         self.F = np.power(10.0, -0.4 * m) if F is None else F
         self.last = n - 1 if last is None else last
-        if slot is None:
-            slot, bands = np.zeros(t.shape, dtype=np.intp), np.zeros(1, dtype=np.intp)
+        if bands is None:
+            bands = np.zeros(1, dtype=np.intp)
         self.slot, self.bands = slot, bands
         self._band_masks()
 
     def _band_masks(self):
         K = len(self.bands)
-        if K == 1:
-            self.bi = np.zeros(self.slot.shape, dtype=np.intp)
-            self.oh = None
-            self.cnt = self.valid.sum(-1)[:, None]
+        if K == 1:                   # one band: no per-point band arrays (slot, bi unused)
+            self.slot = self.bi = self.oh = None
+            self.cnt = self.n.astype(np.float64)[:, None]           # n: the valid points
         else:
             self.bi = np.searchsorted(self.bands, self.slot)
             self.oh = (self.bi[:, None, :] == np.arange(K)[None, :, None]).astype(np.float64)
             self.cnt = (self.oh * self.valid[:, None, :]).sum(-1)
-        self.few = self.cnt < MIN_BAND_POINTS       # too few points for a free source flux
+        self._set_few()
+
+    def _set_few(self):
+        """``few`` (B, K): bands with too few points for a free source flux; ``few_flat``
+        its (B * K,) view, None when no band of any row is short (the common case)."""
+        self.few = self.cnt < MIN_BAND_POINTS
+        self.few_flat = self.few.ravel() if self.few.any() else None
 
     def subsample(self, dense: int = 32, target: int = 160) -> "_Rows":
         """The newest ``dense`` points and every r-th older one (r set by the padded
@@ -311,15 +316,18 @@ class _Rows:
         rows = np.arange(len(self.n))[:, None]
         return _Rows(self.t[rows, idx], self.m[rows, idx], self.e[rows, idx], ok.sum(1),
                      self.F[rows, idx], ok.astype(np.float64), np.full(len(self.n), len(offs) - 1),
-                     self.slot[rows, idx], self.bands)
+                     None if self.slot is None else self.slot[rows, idx], self.bands)
 
     def take(self, idx):
         r = _Rows.__new__(_Rows)
         r.t, r.m, r.e, r.n = self.t[idx], self.m[idx], self.e[idx], self.n[idx]
         r.valid, r.F, r.last = self.valid[idx], self.F[idx], self.last[idx]
-        r.slot, r.bands, r.bi, r.cnt = self.slot[idx], self.bands, self.bi[idx], self.cnt[idx]
-        r.few = self.few[idx]
-        r.oh = None if self.oh is None else self.oh[idx]
+        r.bands, r.cnt = self.bands, self.cnt[idx]
+        if self.oh is None:
+            r.slot = r.bi = r.oh = None
+        else:
+            r.slot, r.bi, r.oh = self.slot[idx], self.bi[idx], self.oh[idx]
+        r._set_few()
         return r
 
     def band_sum(self, x):
@@ -357,9 +365,10 @@ def _any_band(x):
 
 def _band_fluxes(few, S_w, S_A, S_AA, S_F, S_AF, S_FF, kappa):
     """Closed-form fluxes per band (``pspl.fluxes_bounded``, elementwise over any shape);
-    a band with too few points (``few``) gets a constant flux a = 0, b = S_F / S_w."""
+    a band with too few points (``few``; None: none) gets a constant flux a = 0,
+    b = S_F / S_w."""
     a, b, chi, _ = pspl.fluxes_bounded(S_w, S_A, S_AA, S_F, S_AF, S_FF, kappa)
-    if np.any(few):
+    if few is not None:
         bf = S_F / np.where(S_w > 0, S_w, 1.0)
         a = np.where(few, 0.0, a)
         b = np.where(few, bf, b)
@@ -411,7 +420,7 @@ class _Point:
         M = S["M"]
         B, K = R.cnt.shape
         Sw, SA, SAA = S["w"], S["A"], S["AA"]                  # flat (B * K,): (row, band)
-        a, b, chi = _band_fluxes(R.few.ravel(), Sw, SA, SAA, S["F"], S["AF"], S["FF"], p.kappa)
+        a, b, chi = _band_fluxes(R.few_flat, Sw, SA, SAA, S["F"], S["AF"], S["FF"], p.kappa)
         self.a, self.b = a.reshape(B, K), b.reshape(B, K)
         self.chi = _ksum(chi, K)
         self.flat = ~_any_band(self.a > 0)             # no band has a source flux
@@ -462,7 +471,7 @@ def _lm_step(R: _Rows, P: _Point, lam, p: Params):
     wA2 = w * A2
     S = P.S
     B, K = P.a.shape
-    a2, b2, chi = _band_fluxes(R.few.ravel(), S["w"], R.band_sum(wA2), R.band_sum(wA2 * A2), S["F"],
+    a2, b2, chi = _band_fluxes(R.few_flat, S["w"], R.band_sum(wA2), R.band_sum(wA2 * A2), S["F"],
                                R.band_sum(wA2 * R.F), S["FF"], p.kappa)
     chi1 = _ksum(chi, K)
     flat2 = ~_any_band(a2.reshape(B, K) > 0)
@@ -517,7 +526,7 @@ def _multistart(R: _Rows, s: dict, p: Params) -> dict:
     wA = w * A
     Fb = Q.F[:, None, :]
     if Q.oh is None:
-        a0, b0, _ = _band_fluxes(Q.few, w.sum(-1), wA.sum(-1), (wA * A).sum(-1), (w * Fb).sum(-1),
+        a0, b0, _ = _band_fluxes(None if Q.few_flat is None else Q.few, w.sum(-1), wA.sum(-1), (wA * A).sum(-1), (w * Fb).sum(-1),
                                  (wA * Fb).sum(-1), (w * Fb * Fb).sum(-1), p.kappa)    # (B, S)
         ap, bp = a0[..., None], b0[..., None]
         a0, b0 = a0[..., None], b0[..., None]                                          # (B, S, 1)
@@ -526,7 +535,7 @@ def _multistart(R: _Rows, s: dict, p: Params) -> dict:
 
         def bsum(x):
             return (x[:, :, None, :] * oh).sum(-1)                                     # (B, ., K)
-        a0, b0, _ = _band_fluxes(Q.few[:, None, :], bsum(w), bsum(wA), bsum(wA * A), bsum(w * Fb),
+        a0, b0, _ = _band_fluxes(None if Q.few_flat is None else Q.few[:, None, :], bsum(w), bsum(wA), bsum(wA * A), bsum(w * Fb),
                                  bsum(wA * Fb), bsum(w * Fb * Fb), p.kappa)           # (B, S, K)
         bi = np.broadcast_to(Q.bi[:, None, :], A.shape)
         ap, bp = np.take_along_axis(a0, bi, axis=2), np.take_along_axis(b0, bi, axis=2)
@@ -849,8 +858,11 @@ def _quick(R: _Rows, s: dict, p: Params):
     idx = np.maximum(idx, 0)
     t, e, F = R.t[rows, idx], R.e[rows, idx], R.F[rows, idx]
     A = pspl.magnification_ln(t, _col(s["t0"]), _col(s["lu0"]), _col(s["lte"]))
-    sl = R.slot[rows, idx]
-    a, b = s["a"][rows, sl], s["b"][rows, sl]
+    if R.oh is None:
+        a, b = s["a"][:, R.bands[:1]], s["b"][:, R.bands[:1]]                      # (B, 1)
+    else:
+        sl = R.slot[rows, idx]
+        a, b = s["a"][rows, sl], s["b"][rows, sl]
     Fm = np.maximum(a * A + b, FLUX_FLOOR)
     sF = K_MAG * e * Fm
     v2 = inwin / (sF * sF)
