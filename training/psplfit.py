@@ -270,9 +270,9 @@ class _Rows:
 
     Bands: ``slot`` (B, L) is each point's band slot, ``bands`` (K,) the slots any row of
     the group may have (ascending); per-band quantities are (B, K) arrays over them, ``bi``
-    a point's index into ``bands``, ``oh`` (B, K, L) the band masks (None when K = 1: every
-    point is in the one band, and the sums are the one-band ones), ``cnt`` (B, K) the
-    valid points per band. A band a row lacks has zero sums, so it adds exact zeros to
+    a point's index into ``bands``, ``oh`` (B, K, L) the band masks, ``cnt`` (B, K) the
+    valid points per band. When K = 1 every point is in the one band: ``slot``, ``bi`` and
+    ``oh`` are None and every sum is the one-band code's. A band a row lacks has zero sums, so it adds exact zeros to
     every sum over bands: a row's results do not depend on the other rows' bands."""
 
     def __init__(self, t, m, e, n, F=None, valid=None, last=None, slot=None, bands=None):
