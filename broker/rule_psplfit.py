@@ -11,7 +11,9 @@ batch. Per poll batch, for the events the batch touched:
    stored light curve (it does when the TD-CNN is not running, and for young events),
    the event's light curve ``P:ev:<id>`` (a rare second round trip fetches the curve of an
    event whose fit lags behind without a new point in this batch: recovery after a crash);
-2. ``advance`` over the events with unprocessed points, vectorised across them;
+2. ``advance`` over the events with unprocessed points, vectorised across them (each
+   point with its band, ``broker.state.band_of``: the fit has a source and a blend flux
+   per band);
 3. one round trip of a Lua script per chunk (``broker/state/lua/psplfit_save.lua``): the state
    is stored unless the stored one has seen as many points (a concurrent consumer's newer
    state wins; one that saw fewer is replaced), and, when the rule fired, ``SET NX`` of the
@@ -151,7 +153,7 @@ class PsplFitRule:
             else:
                 recs, first = res.window, res.start
             states.append(s)
-            curves.append((recs["t"].astype(np.float64), recs["mag"], recs["err"]))
+            curves.append((recs["t"].astype(np.float64), recs["mag"], recs["err"], st.band_of(recs["band"])))
             firsts.append(first)
             items.append((res, mine, recs))
         out = list(pending)
@@ -246,7 +248,7 @@ def read_fit(client, prefix: str, params: psplfit.Params, object_id: int) -> Opt
     out: dict = {}
     if raw is not None:
         s = psplfit.unpack_state(raw)
-        out["state"] = {k: (s[k].item()) for k in psplfit.STATE.names}
+        out["state"] = {k: s[k].tolist() for k in psplfit.STATE.names}   # per-band fields: lists
         out["ttl_s"] = int(client.ttl(sk))
     if trg is not None:
         out["trigger_status"] = {b"P": "pending", b"S": "sent"}.get(trg[:1], "unknown")

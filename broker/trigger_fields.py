@@ -118,7 +118,10 @@ def fit_estimate(recs) -> Optional[PsplEstimate]:
 
 def params_from_fit_state(state) -> Optional[tuple[float, float, float]]:
     """(t0 MJD, u0, tE) of a pspl-fit rule state (``training.psplfit.STATE``), None when it
-    holds no fit. The rule works in time relative to its ``t_ref`` and in ln u0, ln tE."""
+    holds no fit. The rule works in time relative to its ``t_ref`` and in ln u0, ln tE.
+    These are shared by the bands; the state's per-band fluxes (relative to each band's
+    own reference) are not reported: :func:`estimate_at` solves every band's fluxes at
+    these parameters, so the peak magnitude is in the deciding point's band."""
     from training import psplfit
 
     if not int(state["flags"]) & psplfit.HAS_FIT:

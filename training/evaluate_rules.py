@@ -53,6 +53,14 @@ def params_from_config(config_path=None, threshold: Optional[float] = None) -> p
 
 
 # --------------------------------------------------------------------------- scores
+def event_curve(ds, i: int) -> tuple:
+    """The rule's input for event ``i``: (time, mag, mag_err, band) with the dataset's band
+    codes (the fit has per-band fluxes), (time, mag, mag_err) when it has none."""
+    if getattr(ds, "band", None) is None:
+        return ds.event(i)
+    return (*ds.event(i), ds.event_band(i))
+
+
 def pspl_fit_stats(ds, events, params: psplfit.Params, cache: Optional[Path] = None,
                    data_sha: str = "") -> tuple[list[np.ndarray], float]:
     """D at every point of the events (and the CPU seconds it took, 0 when cached)."""
@@ -62,7 +70,7 @@ def pspl_fit_stats(ds, events, params: psplfit.Params, cache: Optional[Path] = N
             if str(z["key"]) == key:
                 off, flat = z["offsets"], z["stats"]   # each z[...] reads the file again: once
                 return [flat[off[i]:off[i + 1]].copy() for i in range(len(off) - 1)], float(z["cpu_s"])
-    curves = [ds.event(int(i)) for i in events]
+    curves = [event_curve(ds, int(i)) for i in events]
     t0 = time.process_time()
     stats = psplfit.run_curves(curves, params)
     cpu = time.process_time() - t0

@@ -25,7 +25,7 @@ def test_pspl_fit_summary_plots_and_the_online_function(data, capsys):
     out = root / "pf"
     assert cli.main(["evaluate", "--rule", "pspl-fit", "--data", str(path), "--output", str(out),
                      "--early-detection"]) == 0
-    assert "pspl-fit pspl-fit/1-" in capsys.readouterr().out
+    assert "pspl-fit pspl-fit/2-" in capsys.readouterr().out
     s = json.loads((out / "evaluation_summary.json").read_text())
     assert s["rule"] == "pspl-fit" and s["n_events"] == 16 and s["params"]["version"] == psplfit.Params().version
     for k in ("roc_auc", "recall_by_dchi2", "decision_time", "threshold_sweep", "early_detection", "detectable"):

@@ -146,7 +146,7 @@ def test_state_round_trip_and_version():
         psplfit.unpack_state(raw[:-1])
     assert psplfit.Params(threshold=99.0).version == P.version          # the threshold is not in it
     assert psplfit.Params(window_max=16).version != P.version
-    assert P.version.startswith("pspl-fit/1-")
+    assert P.version.startswith("pspl-fit/2-")
 
 
 @pytest.mark.parametrize("kw", [{"window_min": 8, "window_max": 4}, {"threshold": 5.0},
