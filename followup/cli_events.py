@@ -98,12 +98,16 @@ def run(args) -> int:
 # --------------------------------------------------------------------------------- plot
 def plot(args, settings) -> int:
     from followup import lightcurve as lcm
-    from training.event_figure import fit_pspl, light_curve_figure, save_png
+    from training.event_figure import add_pspl_statistic, decide_offline, fit_pspl, light_curve_figure, save_png
 
-    if args.data:
-        lc = dataset_curve(args.data, args.object_id, settings, args.model, args.start_mjd, args.device)
-    elif args.photometry:
-        lc = photometry_curve(args.photometry, args.object_id, settings, args.model, args.device)
+    if args.data or args.photometry:
+        lc = dataset_curve(args.data, args.object_id, settings, args.model, args.start_mjd, args.device) \
+            if args.data else photometry_curve(args.photometry, args.object_id, settings, args.model, args.device)
+        # scored offline: the broker's rules decide (the PSPL-fit rule's statistic drawn when it runs)
+        params = lcm.pspl_params_for(settings)
+        if params is not None:
+            add_pspl_statistic(lc, params)
+        decide_offline(lc, settings.consumer.rules)
     else:
         if args.object_id is None:
             raise lcm.LightCurveError("ulens events plot: give the event's diaObjectId (or --data/--photometry)")
@@ -129,7 +133,7 @@ def redis_curve(settings, object_id: int):
         raise lcm.LightCurveError(f"no event {object_id} in Redis (prefix {prefix!r}): never seen, or expired")
     d = view.to_dict()
     rule = None if d["trigger"] else broker_rule(settings)
-    return lcm.from_event_view(d, f"Redis {prefix!r}", rule)
+    return lcm.from_event_view(d, f"Redis {prefix!r}", rule, lcm.pspl_params_for(settings))
 
 
 def broker_rule(settings, card: dict | None = None) -> dict:

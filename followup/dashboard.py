@@ -107,8 +107,9 @@ def _fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def create_app(feed, redis_client, prefix: str, refresh_s: float, topic: str):
-    """The Flask app: ``feed`` a started :class:`followup.trigger_feed.TriggerFeed`."""
+def create_app(feed, redis_client, prefix: str, refresh_s: float, topic: str, pspl_params=None):
+    """The Flask app: ``feed`` a started :class:`followup.trigger_feed.TriggerFeed`;
+    ``pspl_params``: the PSPL-fit rule's when the broker runs it (its statistic is drawn)."""
     from flask import Flask, jsonify, render_template
 
     from broker.state import read_event
@@ -162,7 +163,7 @@ def create_app(feed, redis_client, prefix: str, refresh_s: float, topic: str):
         with figures_lock:
             hit = figures.get(key)
         if hit is None:
-            lc = lcm.from_event_view(d, f"Redis {prefix!r}")
+            lc = lcm.from_event_view(d, f"Redis {prefix!r}", pspl_params=pspl_params)
             fit = fit_pspl(lc)
             hit = (light_curve_plotly(lc, fit), fit.summary() if fit else None)
             with figures_lock:
@@ -217,6 +218,7 @@ def run(args) -> int:
 
     import config
     from broker.consumer import redis_client
+    from followup import lightcurve as lcm
     from followup.trigger_feed import TriggerFeed
 
     host = check_host(args.host)
@@ -231,7 +233,8 @@ def run(args) -> int:
     sock = bind(host, args.port)
     port = sock.getsockname()[1]
     feed = TriggerFeed(settings.kafka.client_config(), topic, args.max_triggers).start()
-    app = create_app(feed, client, settings.redis.key_prefix, args.refresh, topic)
+    app = create_app(feed, client, settings.redis.key_prefix, args.refresh, topic,
+                     lcm.pspl_params_for(settings))
 
     class Handler(WSGIRequestHandler):
         def log_request(self, code="-", size="-"):    # the pages poll: log only failures

@@ -14,8 +14,10 @@ from typing import Optional
 
 import numpy as np
 
-from training import decision
-from training.event_figure import UNKNOWN_BAND, LightCurve, Trigger
+from dataclasses import asdict
+
+from training import decision, psplfit
+from training.event_figure import UNKNOWN_BAND, LightCurve, Trigger, add_pspl_statistic
 
 
 class LightCurveError(ValueError):
@@ -23,10 +25,12 @@ class LightCurveError(ValueError):
     exit_code = 3           # bad input (ulens/cli.py's table)
 
 
-def from_event_view(d: dict, source: str, rule: Optional[dict] = None) -> LightCurve:
+def from_event_view(d: dict, source: str, rule: Optional[dict] = None, pspl_params=None) -> LightCurve:
     """A Redis event: ``d`` = ``broker.state.EventView.to_dict()``. ``rule``
     (``followup.cli_events.broker_rule``) gives the threshold and smoothing; a tdcnn trigger's own
-    threshold wins (it is the one the event was decided with)."""
+    threshold wins (it is the one the event was decided with). ``pspl_params``
+    (``training.psplfit.Params``, :func:`pspl_params_for`): also the PSPL-fit rule's
+    statistic at every point."""
     pts = d["points"]
     rule = dict(rule or {})
     rec = d.get("trigger")
@@ -50,4 +54,18 @@ def from_event_view(d: dict, source: str, rule: Optional[dict] = None) -> LightC
         first_index=int(pts[0]["index"]) if pts else 0, trigger=trig)
     if d.get("n_dropped"):
         lc.notes.append(f"{d['n_dropped']} oldest points dropped by the broker (redis.max_points)")
+    if pspl_params is None and trig is not None and trig.rule == psplfit.RULE:
+        pspl_params = psplfit.Params(**{**asdict(psplfit.Params()), "threshold": trig.threshold})
+    if pspl_params is not None:
+        add_pspl_statistic(lc, pspl_params)
     return lc
+
+
+def pspl_params_for(settings):
+    """The PSPL-fit rule's parameters when ``settings`` run that rule (``consumer.rule``
+    pspl-fit or both), else None: what the views draw beside the model."""
+    if psplfit.RULE not in settings.consumer.rules:
+        return None
+    from broker.rule_psplfit import params_from_settings
+
+    return params_from_settings(settings)

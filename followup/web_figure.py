@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from training.event_figure import TRIGGER_COLOUR, LightCurve, PsplCurve, colour, series
+from training.event_figure import STAT_COLOUR, TRIGGER_COLOUR, LightCurve, PsplCurve, colour, series, stat_floor
 
 
 def _list(a) -> list:
@@ -27,8 +27,10 @@ def light_curve_plotly(lc: LightCurve, fit: Optional[PsplCurve] = None) -> dict:
     import plotly.graph_objects as go
 
     s = series(lc, fit)
+    model, stat = len(s.prob_t) > 0, s.stat is not None
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.04,
-                        row_heights=[0.56, 0.18, 0.26])
+                        row_heights=[0.56, 0.18, 0.26],
+                        specs=[[{}], [{}], [{"secondary_y": model and stat}]])
     for b in s.bands:
         c = colour(b.band)
         kinds = [(np.ones(len(b.t), dtype=bool), f"{b.band}", "circle")] if b.detected is None else \
@@ -59,18 +61,35 @@ def light_curve_plotly(lc: LightCurve, fit: Optional[PsplCurve] = None) -> dict:
         fig.add_trace(go.Scatter(x=_list(s.prob_t), y=_list(s.score), mode="lines",
                                  name=f"score ({s.smooth_window}-point mean)", line={"color": "black", "width": 1.5}),
                       row=3, col=1)
-    if s.threshold is not None:
+    if s.threshold is not None and model:
         fig.add_hline(y=s.threshold, line={"color": TRIGGER_COLOUR, "dash": "dash", "width": 1},
                       annotation_text=f"threshold {s.threshold:.3f}", annotation_position="bottom right",
                       row=3, col=1)
     if s.trigger is not None:
         for row in (1, 2, 3):
             fig.add_vline(x=s.trigger.mjd, line={"color": TRIGGER_COLOUR, "width": 1.5}, row=row, col=1)
-        if s.trigger.rule == "tdcnn":
+        if s.trigger.rule == "tdcnn" and model:
             fig.add_trace(go.Scatter(x=[s.trigger.mjd], y=[s.trigger.probability], mode="markers",
                                      name=f"trigger MJD {s.trigger.mjd:.3f}",
                                      marker={"color": TRIGGER_COLOUR, "symbol": "star", "size": 14}),
                           row=3, col=1)
+    if stat:
+        # the PSPL-fit rule's statistic (log axis; on the right of the model's when both run)
+        lo, on2 = stat_floor(s), {"secondary_y": True} if model else {}
+        fig.add_trace(go.Scatter(x=_list(s.stat_t), y=_list(np.maximum(s.stat, lo)), mode="lines",
+                                 name="PSPL-fit D (active points)", line={"color": STAT_COLOUR, "width": 1.5}),
+                      row=3, col=1, **on2)
+        if s.stat_threshold is not None and len(lc):
+            fig.add_trace(go.Scatter(x=[float(lc.t.min()), float(lc.t.max())], y=[s.stat_threshold] * 2,
+                                     mode="lines", name=f"PSPL-fit threshold {s.stat_threshold:g}",
+                                     line={"color": TRIGGER_COLOUR, "dash": "dot", "width": 1}),
+                          row=3, col=1, **on2)
+        if s.trigger is not None and s.trigger.rule != "tdcnn":
+            fig.add_trace(go.Scatter(x=[s.trigger.mjd], y=[max(s.trigger.probability, lo)], mode="markers",
+                                     name=f"trigger MJD {s.trigger.mjd:.3f} (D {s.trigger.probability:.1f})",
+                                     marker={"color": TRIGGER_COLOUR, "symbol": "star", "size": 14}),
+                          row=3, col=1, **on2)
+        fig.update_yaxes(title_text="PSPL-fit D", type="log", row=3, col=1, **on2)
     if s.fit is not None:
         fig.add_vline(x=s.fit.t0, line={"color": "grey", "dash": "dot", "width": 1}, row=1, col=1)
     head = s.fit.summary() + " (line; dashed: forecast; dotted: t0)" if s.fit is not None else \
@@ -82,6 +101,7 @@ def light_curve_plotly(lc: LightCurve, fit: Optional[PsplCurve] = None) -> dict:
         uirevision=str(lc.object_id))      # a refresh keeps the user's zoom
     fig.update_yaxes(title_text="magnitude", autorange="reversed", row=1, col=1)
     fig.update_yaxes(title_text="data − PSPL [mag]", autorange="reversed", row=2, col=1)
-    fig.update_yaxes(title_text="P(binary)", range=[-0.03, 1.03], row=3, col=1)
+    if model or not stat:
+        fig.update_yaxes(title_text="P(binary)", range=[-0.03, 1.03], row=3, col=1)
     fig.update_xaxes(title_text="MJD (TAI)", row=3, col=1)
     return fig.to_plotly_json()

@@ -79,6 +79,10 @@ class LightCurve:
     trigger: Optional[Trigger] = None
     notes: list = field(default_factory=list)   # what the figure should say about its data
     time_axis: str = "MJD"          # what ``t`` is: a key of TIME_AXES
+    # the PSPL-fit rule's statistic D per point (-inf: not active) and its threshold, when
+    # that rule decides the event (:func:`add_pspl_statistic`); None otherwise
+    statistic: Optional[np.ndarray] = None
+    statistic_threshold: Optional[float] = None
 
     def __len__(self) -> int:
         return len(self.t)
@@ -110,6 +114,39 @@ def offline(object_id: int, source: str, t, mag, err, band, detected, probs, rul
                              threshold=lc.threshold)
     if detected is None:
         lc.notes.append("the file has no detection flag: every point is drawn alike")
+    return lc
+
+
+def add_pspl_statistic(lc: LightCurve, params) -> LightCurve:
+    """``lc`` with the PSPL-fit rule's statistic D at each of its points (``params``: a
+    ``training.psplfit.Params``), computed as the broker computes it (``psplfit.run_curves``
+    over the points in order, each with its band). Exact for a whole light curve; when
+    Redis dropped the oldest points the fit starts at the first point held (a note says so)."""
+    from training import psplfit
+    from training.survey import BAND_NAMES
+
+    codes = np.array([BAND_NAMES.index(b) if b in BAND_NAMES else 255 for b in lc.band.astype(str)],
+                     dtype=np.uint8)
+    lc.statistic = psplfit.run_curves([(lc.t, lc.mag, lc.err, codes)], params)[0] if len(lc) else np.zeros(0)
+    lc.statistic_threshold = float(params.threshold)
+    if lc.first_index:
+        lc.notes.append("PSPL-fit statistic recomputed from the first point held, not the event's first")
+    return lc
+
+
+def decide_offline(lc: LightCurve, rules: tuple) -> LightCurve:
+    """An offline curve's trigger under the broker's ``rules`` (``consumer.rules``): the
+    TD-CNN's (already set by :func:`offline`), the PSPL-fit rule's first point with D >=
+    its threshold (:func:`add_pspl_statistic` first), or the earlier of the two."""
+    cands = [lc.trigger] if "tdcnn" in rules and lc.trigger is not None else []
+    if "pspl-fit" in rules and lc.statistic is not None:
+        from training import psplfit
+
+        j = psplfit.first_trigger(lc.statistic, lc.statistic_threshold)
+        if j is not None:
+            cands.append(Trigger(mjd=float(lc.t[j]), index=j, probability=float(lc.statistic[j]),
+                                 threshold=lc.statistic_threshold, rule=psplfit.RULE))
+    lc.trigger = min(cands, key=lambda x: x.index) if cands else None
     return lc
 
 
@@ -214,6 +251,9 @@ class Series:
     fit: Optional[PsplCurve]
     notes: list
     time_axis: str = "MJD"
+    stat_t: Optional[np.ndarray] = None     # the points where the PSPL-fit rule was active
+    stat: Optional[np.ndarray] = None       # its statistic D there
+    stat_threshold: Optional[float] = None
 
 
 BAND_ORDER = "ugrizy"
@@ -239,8 +279,12 @@ def series(lc: LightCurve, fit: Optional[PsplCurve]) -> Series:
         out.append(s)
     ok = np.isfinite(lc.p_binary)
     title = f"diaObjectId {lc.object_id}  ({lc.source})"
-    return Series(title, out, lc.t[ok], lc.p_binary[ok], lc.score()[ok], lc.threshold, lc.smooth_window,
-                  lc.trigger, fit, list(lc.notes), lc.time_axis)
+    sr = Series(title, out, lc.t[ok], lc.p_binary[ok], lc.score()[ok], lc.threshold, lc.smooth_window,
+                lc.trigger, fit, list(lc.notes), lc.time_axis)
+    if lc.statistic is not None:
+        act = np.isfinite(lc.statistic)
+        sr.stat_t, sr.stat, sr.stat_threshold = lc.t[act], lc.statistic[act], lc.statistic_threshold
+    return sr
 
 
 # ------------------------------------------------------------------------- the figure
@@ -311,20 +355,50 @@ def _residuals(ax, s: Series) -> None:
     ax.set_ylabel("data − PSPL\n[mag]")
 
 
+STAT_COLOUR = "#1f5fa0"          # the PSPL-fit statistic's axis
+
+
+def stat_floor(s: Series) -> float:
+    """The lower end of the statistic's log axis (D <= 0 drawn there)."""
+    return 0.5 if s.stat_threshold is None else min(0.5, s.stat_threshold / 20.0)
+
+
 def _probability(ax, s: Series) -> None:
-    if len(s.prob_t):
+    """P(binary) and its score when the model ran; the PSPL-fit statistic D (log axis, on
+    the right when both are drawn) when that rule decides the event."""
+    model = len(s.prob_t) > 0
+    if model:
         ax.plot(s.prob_t, s.prob, ".", color="0.35", ms=3, label="P(binary) per point")
         ax.plot(s.prob_t, s.score, "-", color="k", lw=1.2, label=f"score ({s.smooth_window}-point mean)")
-    else:
+        if s.threshold is not None:
+            ax.axhline(s.threshold, color=TRIGGER_COLOUR, ls="--", lw=1.0, label=f"threshold {s.threshold:.3f}")
+        if s.trigger is not None and s.trigger.rule == "tdcnn":
+            ax.plot([s.trigger.mjd], [s.trigger.probability], "*", color=TRIGGER_COLOUR, ms=11,
+                    label=f"trigger, score {s.trigger.probability:.3f}")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylabel("P(binary)")
+        ax.legend(fontsize=7, loc="upper left")
+    elif s.stat is None:
         ax.text(0.5, 0.5, "no scored point", transform=ax.transAxes, ha="center", va="center")
-    if s.threshold is not None:
-        ax.axhline(s.threshold, color=TRIGGER_COLOUR, ls="--", lw=1.0, label=f"threshold {s.threshold:.3f}")
-    if s.trigger is not None and s.trigger.rule == "tdcnn":
-        ax.plot([s.trigger.mjd], [s.trigger.probability], "*", color=TRIGGER_COLOUR, ms=11,
-                label=f"trigger, score {s.trigger.probability:.3f}")
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_ylabel("P(binary)")
-    ax.legend(fontsize=7, loc="upper left")
+        ax.set_ylabel("P(binary)")
+    if s.stat is None:
+        return
+    ax2 = ax.twinx() if model else ax
+    lo = stat_floor(s)
+    ax2.plot(s.stat_t, np.maximum(s.stat, lo), "-", color=STAT_COLOUR, lw=1.1, label="PSPL-fit D (active points)")
+    if s.stat_threshold is not None:
+        ax2.axhline(s.stat_threshold, color=TRIGGER_COLOUR, ls=":", lw=1.0,
+                    label=f"PSPL-fit threshold {s.stat_threshold:g}")
+    if s.trigger is not None and s.trigger.rule != "tdcnn":
+        ax2.plot([s.trigger.mjd], [max(s.trigger.probability, lo)], "*", color=TRIGGER_COLOUR, ms=11,
+                 label=f"trigger, D {s.trigger.probability:.1f}")
+    ax2.set_yscale("log")
+    ax2.set_ylim(bottom=lo)
+    ax2.set_ylabel("PSPL-fit D", color=STAT_COLOUR if model else "k")
+    if not len(s.stat_t):
+        ax2.text(0.5, 0.5, "the PSPL-fit rule was not active at any point", transform=ax2.transAxes,
+                 ha="center", va="center")
+    ax2.legend(fontsize=7, loc="upper right" if model else "upper left")
 
 
 def save_png(fig, path, dpi: int = 110) -> Path:

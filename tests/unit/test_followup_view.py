@@ -150,6 +150,55 @@ def test_the_web_figure_has_every_point_and_the_threshold():
     assert any("threshold" in str(a.get("text")) for a in fig["layout"]["annotations"])
 
 
+def bumped_curve(n=200, seed=5):
+    """A well-sampled PSPL with a caustic-crossing-like bump (1 mag, 4 points) after its peak."""
+    t, mag, err = pspl_curve(n, seed)
+    j = int(np.searchsorted(t, T0 + 8.0))
+    mag = mag.copy()
+    mag[j:j + 4] -= 1.0
+    return t, mag, err, j
+
+
+def test_a_pspl_fit_trigger_is_drawn_with_the_rules_statistic():
+    from followup.web_figure import light_curve_plotly
+    from training import psplfit
+
+    t, mag, err, j = bumped_curve()
+    D = psplfit.run_curves([(t, mag, err, np.full(len(t), 2, np.uint8))], psplfit.Params())[0]
+    k = psplfit.first_trigger(D, psplfit.Params().threshold)
+    assert k is not None and j <= k < j + 4                   # the rule fires on the bump
+    pts = [{"index": i, "diaSourceId": 100 + i, "midpointMjdTai": float(t[i]), "band": "r", "forced": False,
+            "mag": float(mag[i]), "mag_err": float(err[i]), "p_binary": None} for i in range(len(t))]
+    rec = {"midpointMjdTai": float(t[k]), "nPoints": k + 1, "probability": float(D[k]),
+           "threshold": psplfit.Params().threshold, "rule": "pspl-fit", "summary": "anomaly"}
+    lc = lcm.from_event_view({"diaObjectId": 9, "points": pts, "trigger": rec, "n_dropped": 0}, "r")
+    # the trigger's rule needs no settings: its statistic is recomputed as the broker did
+    np.testing.assert_array_equal(lc.statistic, D)
+    assert lc.statistic_threshold == rec["threshold"] and lc.trigger.rule == "pspl-fit"
+    fig = light_curve_plotly(lc, ef.fit_pspl(lc))
+    names = [str(tr.get("name")) for tr in fig["data"]]
+    assert "PSPL-fit D (active points)" in names and f"trigger MJD {t[k]:.3f} (D {D[k]:.1f})" in names
+    assert any(x.startswith("PSPL-fit threshold") for x in names)
+    assert fig["layout"]["yaxis3"]["type"] == "log"           # no model ran: D on the panel's own axis
+    p_ax = light_curve_figure(lc, ef.fit_pspl(lc)).axes[2]
+    assert p_ax.get_ylabel() == "PSPL-fit D" and p_ax.get_yscale() == "log"
+
+
+def test_offline_curves_are_decided_by_the_brokers_rules():
+    from training import psplfit
+
+    t, mag, err, j = bumped_curve()
+    probs = np.zeros(len(t))                                  # a model that never fires
+    rule = {"threshold": 0.5, "smooth_window": 5, "min_points": 10}
+    band = np.full(len(t), "r", dtype=object)
+    quiet = ef.decide_offline(ef.offline(1, "x", t, mag, err, band, None, probs, rule), ("tdcnn",))
+    assert quiet.trigger is None and quiet.statistic is None
+    lc = ef.add_pspl_statistic(ef.offline(1, "x", t, mag, err, band, None, probs, rule), psplfit.Params())
+    for rules in (("pspl-fit",), ("tdcnn", "pspl-fit")):
+        got = ef.decide_offline(lc, rules).trigger
+        assert got.rule == "pspl-fit" and j <= got.index < j + 4 and got.probability >= psplfit.Params().threshold
+
+
 # ------------------------------------------------------------------------- dashboard
 def test_dashboard_help_explains_every_option(capsys):
     from followup import dashboard
