@@ -77,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--format", choices=("compact", "rubin"), default="compact",
                    help="consumer: our compact alert, or Rubin's lsst.v11_1 packet with a year of "
                         "history (whole events of --survey; rows consumer.rubin.*)")
+    g.add_argument("--rule", choices=("tdcnn", "pspl-fit", "both"), default="tdcnn",
+                   help="the broker's decision rule (default: tdcnn, the rule of the naive "
+                        "baseline, a TD-CNN consumer: with another the ratio compares unlike work)")
     g.add_argument("--survey", default=None, metavar="NAME",
                    help="survey profile of the dataset (training/surveys) [thesis for compact, "
                         "lsst for rubin]")

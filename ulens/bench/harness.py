@@ -363,7 +363,9 @@ class Run:
                                      dead_letter=self.topic(f"{what}.dlq", k.partitions.dead_letter))
         return self.settings.replace(kafka={"topics": topics},
                                      redis={"key_prefix": self.prefix(what)},
-                                     consumer={"group": self.group(what)})
+                                     consumer={"group": self.group(what),
+                                               "rule": getattr(self.args, "rule", None)
+                                               or self.settings.consumer.rule})
 
     def config_file(self, s, name: str) -> Path:
         """A YAML file for a `ulens` subprocess: the user's file with these names over it."""
@@ -373,7 +375,7 @@ class Run:
         data = yaml.safe_load(Path(base).read_text()) or {} if base else {}
         for section, vals in (("kafka", {"topics": dataclasses.asdict(s.kafka.topics)}),
                               ("redis", {"key_prefix": s.redis.key_prefix}),
-                              ("consumer", {"group": s.consumer.group})):
+                              ("consumer", {"group": s.consumer.group, "rule": s.consumer.rule})):
             cur = data.setdefault(section, {})
             for key, v in vals.items():
                 if isinstance(v, dict):
