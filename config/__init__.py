@@ -239,7 +239,7 @@ class ModelSettings:
 @dataclass(frozen=True)
 class PsplFitSettings:
     """The classical rule (``consumer.rule: pspl-fit | both``): see ``training.psplfit``."""
-    threshold: float = field(default=13.2, metadata=rng(1.0, 1e9))
+    threshold: float = field(default=19.9, metadata=rng(1.0, 1e9))
     min_points: int = field(default=12, metadata=rng(8, 100_000))
     window_min: int = field(default=2, metadata=rng(1, 256))
     window_max: int = field(default=32, metadata=rng(1, 256))
@@ -272,7 +272,7 @@ class ConsumerSettings:
     group_prefix_user: bool = False
     batch_size: int = field(default=2000, metadata=rng(1, 1_000_000))
     poll_timeout_s: float = field(default=0.5, metadata=rng(0.0, 60.0))
-    rule: str = field(default="tdcnn", metadata=rng(choices=RULES))
+    rule: str = field(default="pspl-fit", metadata=rng(choices=RULES))
     threshold: Optional[float] = field(default=None, metadata=rng(0.0, 1.0))
     min_points: int = field(default=10, metadata=rng(1, 100_000))
     device: str = field(default="auto", metadata=rng(choices=("auto", "cpu", "cuda")))

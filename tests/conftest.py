@@ -38,16 +38,19 @@ def _answering(settings: cfg.Settings) -> bool:
 
 @pytest.fixture(scope="session")
 def services():
-    """Settings pointing at a running Kafka and Redis."""
+    """Settings pointing at a running Kafka and Redis, with ``consumer.rule: tdcnn``: the
+    engine's tests drive the TD-CNN path with the models they build or load (the default
+    rule is pspl-fit; its own tests, the demo's and the real-data tier set or read the
+    rule themselves)."""
     from ulens import services as svc
-    settings = cfg.load()
+    settings = cfg.load().replace(consumer={"rule": "tdcnn"})
     started: tuple[str, ...] = ()
     if not _answering(settings):
         if os.environ.get("ULENS_KAFKA_BOOTSTRAP") or os.environ.get("ULENS_REDIS_URL"):
             pytest.fail("ULENS_KAFKA_BOOTSTRAP / ULENS_REDIS_URL are set but do not answer")
         info = svc.up(settings, quiet=True)
         started = tuple(n for n in ("kafka", "redis") if info[f"{n}_started"])
-        settings = cfg.load()
+        settings = cfg.load().replace(consumer={"rule": "tdcnn"})
     yield settings
     if started:
         svc.down(settings, only=started, quiet=True)

@@ -164,7 +164,7 @@ class PsplFitError(ValueError):
 
 @dataclass(frozen=True)
 class Params:
-    threshold: float = 13.2
+    threshold: float = 19.9
     min_points: int = 12
     window_min: int = 2
     window_max: int = 32

@@ -16,7 +16,7 @@ def test_defaults_load_and_resolve_auto(tmp_path):
     s = cfg.load(env={})
     assert s.kafka.topics.alerts == "alerts"
     assert s.kafka.partitions.alerts >= 1
-    assert s.consumer.rule == "tdcnn"
+    assert s.consumer.rule == "pspl-fit"
     assert s.kafka.bootstrap_servers != "auto" and s.redis.url.startswith("redis://")
 
 

@@ -19,7 +19,7 @@ def write(tmp_path, text):
 
 def test_defaults_of_config_and_code_agree():
     s = cfg.load(env={})
-    assert s.consumer.rule == "tdcnn" and s.consumer.rules == ("tdcnn",)
+    assert s.consumer.rule == "pspl-fit" and s.consumer.rules == ("pspl-fit",)
     # default.yaml, the settings dataclass and the rule's own defaults are one set of values
     assert params_from_settings(s) == psplfit.Params()
     assert asdict(s.consumer.pspl_fit) == asdict(cfg.PsplFitSettings())
