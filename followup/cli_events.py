@@ -74,7 +74,8 @@ def run(args) -> int:
     import config
     from broker.consumer import redis_client
     from broker.errors import BrokerError
-    from broker.state import read_event, scan_events
+    from broker.state import scan_events
+    from followup.lightcurve import event_dict
 
     settings = config.load(args.config)
     if args.action == "plot":
@@ -85,10 +86,9 @@ def run(args) -> int:
         for oid in scan_events(client, prefix, args.limit):
             print(oid)
         return 0
-    view = read_event(client, prefix, args.object_id)
-    if view is None:
+    d = event_dict(client, prefix, args.object_id)
+    if d is None:
         raise BrokerError(f"no event {args.object_id} in Redis (prefix {prefix!r}): never seen, or expired")
-    d = view.to_dict()
     if args.last is not None:
         d["points"] = d["points"][-args.last:] if args.last > 0 else []
     print(json.dumps(d, indent=2) if args.json else format_event(d))
@@ -124,15 +124,15 @@ def redis_curve(settings, object_id: int):
     """A live event from Redis; the threshold and smoothing of a trigger's record, else
     the broker's (consumer settings over the model card)."""
     from broker.consumer import redis_client
-    from broker.state import read_event
     from followup import lightcurve as lcm
 
     prefix = settings.redis.key_prefix
-    view = read_event(redis_client(settings), prefix, object_id)
-    if view is None:
+    d = lcm.event_dict(redis_client(settings), prefix, object_id)
+    if d is None:
         raise lcm.LightCurveError(f"no event {object_id} in Redis (prefix {prefix!r}): never seen, or expired")
-    d = view.to_dict()
-    rule = None if d["trigger"] else broker_rule(settings)
+    # the model card's threshold when the model runs and no TD-CNN trigger brings its own
+    tdcnn_fired = bool(d["trigger"]) and d["trigger"].get("rule", "tdcnn") == "tdcnn"
+    rule = broker_rule(settings) if "tdcnn" in settings.consumer.rules and not tdcnn_fired else None
     return lcm.from_event_view(d, f"Redis {prefix!r}", rule, lcm.pspl_params_for(settings))
 
 

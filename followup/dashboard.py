@@ -112,7 +112,6 @@ def create_app(feed, redis_client, prefix: str, refresh_s: float, topic: str, ps
     ``pspl_params``: the PSPL-fit rule's when the broker runs it (its statistic is drawn)."""
     from flask import Flask, jsonify, render_template
 
-    from broker.state import read_event
     from followup import lightcurve as lcm
     from followup.web_figure import light_curve_plotly
     from training.event_figure import fit_pspl
@@ -147,16 +146,15 @@ def create_app(feed, redis_client, prefix: str, refresh_s: float, topic: str, ps
     def event_json(object_id: int):
         trigger = feed.find(object_id)
         try:
-            view = read_event(redis_client, prefix, object_id)
+            d = lcm.event_dict(redis_client, prefix, object_id)
         except Exception as exc:      # Redis away: say so on the page, keep serving
             return jsonify({"figure": None, "facts": render_template(
                 "facts.html", trigger=trigger, event=None, fit=None,
                 error=f"Redis does not answer: {type(exc).__name__}: {exc}")})
-        if view is None:
+        if d is None:
             return jsonify({"figure": None, "facts": render_template(
                 "facts.html", trigger=trigger, event=None, fit=None,
                 error=f"event {object_id} is not in Redis (prefix {prefix!r}): never seen, or expired")})
-        d = view.to_dict()
         if trigger is not None and not d["trigger"]:   # its Redis record expired: the topic's
             d["trigger"] = trigger
         key = (object_id, d["n_total"], d["last_diaSourceId"], bool(d["trigger"]))

@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 
+import json
 from dataclasses import asdict
 
 from training import decision, psplfit
@@ -59,6 +60,26 @@ def from_event_view(d: dict, source: str, rule: Optional[dict] = None, pspl_para
     if pspl_params is not None:
         add_pspl_statistic(lc, pspl_params)
     return lc
+
+
+def event_dict(client, prefix: str, object_id: int) -> Optional[dict]:
+    """``broker.state.read_event(...).to_dict()`` (None when the event is not stored) with
+    the PSPL-fit rule's trigger (its outbox ``P:tp``, ``broker.rule_psplfit``) where the
+    event has no TD-CNN trigger (``P:tr``): the trigger a follow-up view shows, whichever
+    rule fired."""
+    from broker.rule_psplfit import trigger_key
+    from broker.state import read_event
+
+    view = read_event(client, prefix, object_id)
+    if view is None:
+        return None
+    d = view.to_dict()
+    if not d["trigger"]:
+        raw = client.get(trigger_key(prefix, object_id, client))
+        if raw is not None:
+            d["trigger"] = json.loads(raw[1:])
+            d["trigger_status"] = {b"P": "pending", b"S": "sent"}.get(raw[:1], "unknown")
+    return d
 
 
 def pspl_params_for(settings):

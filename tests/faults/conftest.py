@@ -116,7 +116,10 @@ def private_services(tmp_path_factory):
     base = {"kafka": {"bootstrap_servers": f"127.0.0.1:{kport}"},
             "redis": {"url": f"redis://127.0.0.1:{rport}/0"},
             "services": {"state_dir": str(state), "kafka_port": kport, "kafka_controller_port": cport,
-                         "redis_port": rport, "kafka_heap_mb": 512}}
+                         "redis_port": rport, "kafka_heap_mb": 512},
+            # the tier's capacities and figures are the TD-CNN path's; the pspl-fit rule's
+            # exactly-once under crashes: tests/integration/test_consumer_guarantees.py
+            "consumer": {"rule": "tdcnn"}}
     conf = write_config(root / "services.yaml", base)
     settings = cfg.load(conf, env=clean_env())
     assert settings.kafka.bootstrap_servers == f"127.0.0.1:{kport}"

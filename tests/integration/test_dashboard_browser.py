@@ -113,7 +113,7 @@ def test_dashboard_in_a_browser_with_the_broker_running_and_stopped(services, tm
     conf = run / "config.yaml"
     conf.write_text(f"kafka:\n  topics:\n    alerts: {tag}.alerts\n    triggers: {tag}.triggers\n"
                     f"    dead_letter: {tag}.dlq\n    truth: {tag}.truth\n  partitions:\n    alerts: 1\n"
-                    f"redis:\n  key_prefix: {tag}\nconsumer:\n  group: {tag}\n")
+                    f"redis:\n  key_prefix: {tag}\nconsumer:\n  group: {tag}\n  rule: both\n")   # both panels
     c = ["--config", str(conf)]
     data = run / "events.npz"
     subprocess.run(ULENS + ["simulate", *c, "--n-pspl", "2", "--n-binary", "4", "--seed", "20261127",
@@ -172,7 +172,8 @@ def test_dashboard_in_a_browser_with_the_broker_running_and_stopped(services, tm
         lc = redis_curve(cfg.load(str(conf)), oid)
         assert len(lc) == n and lc.trigger is not None and lc.detected.all()   # compact alerts: detections
         fig = light_curve_figure(lc, fit_pspl(lc))
-        assert [a.get_ylabel() for a in fig.axes] == ["magnitude", "data − PSPL\n[mag]", "P(binary)"]
+        # rule both: P(binary) and, on its right, the PSPL-fit rule's statistic
+        assert [a.get_ylabel() for a in fig.axes] == ["magnitude", "data − PSPL\n[mag]", "P(binary)", "PSPL-fit D"]
     except BaseException:
         print(f"run folder {run}\n--- broker\n{broker.text()}\n--- dashboard\n{dash.text()}")
         raise

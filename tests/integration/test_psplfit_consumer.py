@@ -12,6 +12,7 @@ import pytest
 
 from broker.consumer import Broker
 from broker.rule_psplfit import read_fit
+from followup.lightcurve import event_dict
 from tests.helpers import unique
 from tests.integration.test_consumer import (alerts_of, choose_threshold, expected_triggers, offline_probs,
                                              produce, settings_for, triggers_in)
@@ -114,6 +115,9 @@ def test_stop_and_restart_gives_the_triggers_of_an_uninterrupted_run(services, t
         if e["oid"] in expected:
             assert s["n_done"] == expected[e["oid"]][0] + 1 and s["flags"] & psplfit.TRIGGERED
             assert got["trigger_status"] == "sent"
+            # what `ulens events show|plot` and the dashboard show: the rule's trigger
+            view = event_dict(redis_client, key_prefix + "b", e["oid"])
+            assert view["trigger"] == got["trigger"] and view["trigger_status"] == "sent"
         else:
             assert s["n_done"] == len(e["t"]) and "trigger" not in got
 
