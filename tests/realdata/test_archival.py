@@ -53,8 +53,9 @@ def outcome_file() -> Path:
 
 @pytest.fixture(scope="module")
 def replayed(services, tmp_path_factory):
-    """Every file replayed once and consumed by the default broker (model and rule of
-    config/default.yaml); its triggers and the files' PSPL windows."""
+    """Every file replayed once and consumed by the default broker (config/default.yaml's
+    model) running both rules, the default pspl-fit and the TD-CNN (each event's outcome
+    per rule); its triggers and the files' PSPL windows."""
     import dataclasses
 
     from confluent_kafka.admin import AdminClient, NewTopic
@@ -68,7 +69,8 @@ def replayed(services, tmp_path_factory):
         f.result(timeout=60)
     topics = dataclasses.replace(services.kafka.topics, alerts=names["alerts"], triggers=names["triggers"],
                                  dead_letter=names["dlq"])
-    settings = services.replace(kafka={"topics": topics}, redis={"key_prefix": prefix})
+    settings = services.replace(kafka={"topics": topics}, redis={"key_prefix": prefix},
+                                consumer={"rule": "both"})
     conf = tmp / "c.yaml"
     conf.write_text(f"redis:\n  key_prefix: {prefix}\n")
     args = ["replay", "--no-progress", "--config", str(conf), "--photometry", *map(str, FILES),
