@@ -271,7 +271,7 @@ def consumer_config(services, path, names, prefix, **consumer):
                   "ssl_ca_location": k.ssl_ca_location,
                   "topics": {"triggers": names["triggers"], "dead_letter": names["dlq"]}},
         "redis": {"url": r.url, "ssl_ca_certs": r.ssl_ca_certs, "key_prefix": prefix},
-        "consumer": consumer})
+        "consumer": {"rule": services.consumer.rule, **consumer}})   # the fixture's rule (tdcnn)
 
 
 def test_fuzz_malformed_messages_dead_lettered_valid_points_stored(services, topics, redis_client,
