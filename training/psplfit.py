@@ -446,6 +446,24 @@ class _Point:
 _EYE3 = np.eye(3)
 
 
+def _solve_rows(M, V, fallback):
+    """``np.linalg.solve`` of the stacked systems (B, n, n) x = (B, n, m), and where that
+    refuses a singular one, each system alone: a singular row gets ``fallback(i)`` and the
+    others their own LAPACK solution, the bits a stack without that row would give. (A
+    fallback for the whole stack made one event's arithmetic depend on the events that
+    shared its group: the broker's triggers then depended on how the stream was batched.)"""
+    try:
+        return np.linalg.solve(M, V)
+    except np.linalg.LinAlgError:
+        out = np.empty(np.broadcast_shapes(V.shape, M.shape[:1] + V.shape[1:]), dtype=np.float64)
+        for i in range(len(M)):
+            try:
+                out[i] = np.linalg.solve(M[i], V[i])
+            except np.linalg.LinAlgError:
+                out[i] = fallback(i)
+        return out
+
+
 def _lm_step(R: _Rows, P: _Point, lam, p: Params):
     """One LM step per row from the solution P (its weights held fixed). Returns the new
     (th, a, b, lam), a and b (B, K)."""
@@ -456,11 +474,9 @@ def _lm_step(R: _Rows, P: _Point, lam, p: Params):
     good = ~P.flat & np.all(np.isfinite(Hd.reshape(len(lam), -1)), axis=1) & (np.min(diag, axis=1) > 0)
     Hd = np.where(good[:, None, None], Hd, _EYE3)
     g = np.where(good[:, None], P.g3, 0.0)
-    try:
-        d = np.linalg.solve(Hd, g[:, :, None])[:, :, 0]
-    except np.linalg.LinAlgError:
-        d = np.stack(pspl.solve3([[Hd[:, j, k] for k in range(3)] for j in range(3)],
-                                 [g[:, j] for j in range(3)]), axis=1)
+    d = _solve_rows(Hd, g[:, :, None], lambda i: np.stack(pspl.solve3(
+        [[Hd[i:i + 1, j, k] for k in range(3)] for j in range(3)], [g[i:i + 1, j] for j in range(3)]),
+        axis=1)[0][:, None])[:, :, 0]
     d = np.where(np.isfinite(d), d, 0.0)
     te = np.exp(lte)
     nt0 = t0 + np.minimum(np.maximum(d[:, 0], -2 * te), 2 * te)
@@ -656,10 +672,8 @@ def _leverage(R: _Rows, P: _Point, Gn, Ga, Gb):
     shift = np.zeros((B, Q))
     if fitted.any():
         fi = np.flatnonzero(fitted)
-        try:
-            X = np.linalg.solve(Sc[fi], gh[fi])
-        except np.linalg.LinAlgError:
-            X = np.stack([np.linalg.lstsq(Sc[i], gh[i], rcond=None)[0] for i in fi])
+        Sf, gf = Sc[fi], gh[fi]
+        X = _solve_rows(Sf, gf, lambda i: np.linalg.lstsq(Sf[i], gf[i], rcond=None)[0])
         g = gh[fi][:, :, :-1]
         corr[fi] = band_q[fi] + np.einsum("bjq,bjq->bq", g, X[:, :, :-1])
         shift[fi] = band_s[fi] + np.einsum("bjq,bj->bq", g, X[:, :, -1])

@@ -228,3 +228,18 @@ def test_leverage_block_form_is_the_full_information_matrix():
     want_shift = x[:, :Q].T @ G[:, Q]
     assert np.allclose(corr[0], want_corr, rtol=1e-6, atol=1e-9 * np.abs(want_corr).max())
     assert np.allclose(shift[0], want_shift, rtol=1e-6, atol=1e-6 * np.abs(want_shift).max())
+
+
+def test_a_singular_system_does_not_change_the_other_rows_solutions():
+    """One singular matrix in a stack: the others keep the bits of their own solve (a
+    fallback for the whole stack made an event's fit depend on its group's other events)."""
+    rng = np.random.default_rng(4)
+    M = rng.normal(size=(5, 3, 3)) + 3 * np.eye(3)
+    V = rng.normal(size=(5, 3, 2))
+    M[2] = 0.0                                           # singular
+    got = psplfit._solve_rows(M, V, lambda i: np.full((3, 2), -7.0))
+    for i in (0, 1, 3, 4):
+        np.testing.assert_array_equal(got[i], np.linalg.solve(M[i], V[i]))
+    np.testing.assert_array_equal(got[2], np.full((3, 2), -7.0))
+    clean = np.delete(M, 2, axis=0), np.delete(V, 2, axis=0)
+    np.testing.assert_array_equal(np.delete(got, 2, axis=0), psplfit._solve_rows(*clean, None))

@@ -505,6 +505,7 @@ def timed_broker_class():
 def profile_report(prof: cProfile.Profile, path: Optional[Path], top: int = 30,
                     what: str = "throughput") -> None:
     if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)      # --profile DIR need not exist
         prof.dump_stats(str(path))
         log(f"profile written to {path} (python -m pstats {path})")
     for key in ("cumulative", "tottime"):
