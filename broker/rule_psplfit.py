@@ -251,6 +251,5 @@ def read_fit(client, prefix: str, params: psplfit.Params, object_id: int) -> Opt
         out["state"] = {k: s[k].tolist() for k in psplfit.STATE.names}   # per-band fields: lists
         out["ttl_s"] = int(client.ttl(sk))
     if trg is not None:
-        out["trigger_status"] = {b"P": "pending", b"S": "sent"}.get(trg[:1], "unknown")
-        out["trigger"] = json.loads(trg[1:])
+        out["trigger_status"], out["trigger"] = st.outbox_record(trg)
     return out

@@ -98,16 +98,14 @@ def run(args) -> int:
 # --------------------------------------------------------------------------------- plot
 def plot(args, settings) -> int:
     from followup import lightcurve as lcm
-    from training.event_figure import add_pspl_statistic, decide_offline, fit_pspl, light_curve_figure, save_png
+    from training.event_figure import fit_pspl, light_curve_figure, save_png
 
-    if args.data or args.photometry:
-        lc = dataset_curve(args.data, args.object_id, settings, args.model, args.start_mjd, args.device) \
-            if args.data else photometry_curve(args.photometry, args.object_id, settings, args.model, args.device)
-        # scored offline: the broker's rules decide (the PSPL-fit rule's statistic drawn when it runs)
-        params = lcm.pspl_params_for(settings)
-        if params is not None:
-            add_pspl_statistic(lc, params)
-        decide_offline(lc, settings.consumer.rules)
+    if args.data:
+        lc = decided(dataset_curve(args.data, args.object_id, settings, args.model, args.start_mjd,
+                                   args.device), settings)
+    elif args.photometry:
+        lc = decided(photometry_curve(args.photometry, args.object_id, settings, args.model, args.device),
+                     settings)
     else:
         if args.object_id is None:
             raise lcm.LightCurveError("ulens events plot: give the event's diaObjectId (or --data/--photometry)")
@@ -118,6 +116,18 @@ def plot(args, settings) -> int:
           f"{'trigger at MJD %.3f' % lc.trigger.mjd if lc.trigger else 'no trigger'}, "
           f"{fit.summary() if fit else 'no PSPL fit'}")
     return 0
+
+
+def decided(lc, settings):
+    """A curve scored offline, decided by the broker's rules (``consumer.rule``), with the
+    PSPL-fit rule's statistic when that rule runs."""
+    from followup import lightcurve as lcm
+    from training.event_figure import add_pspl_statistic, decide_offline
+
+    params = lcm.pspl_params_for(settings)
+    if params is not None:
+        add_pspl_statistic(lc, params)
+    return decide_offline(lc, settings.consumer.rules)
 
 
 def redis_curve(settings, object_id: int):

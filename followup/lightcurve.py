@@ -10,12 +10,10 @@ matplotlib figure, which ``ulens evaluate``'s example figures share.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import numpy as np
-
-import json
-from dataclasses import asdict
 
 from training import decision, psplfit
 from training.event_figure import UNKNOWN_BAND, LightCurve, Trigger, add_pspl_statistic
@@ -31,7 +29,8 @@ def from_event_view(d: dict, source: str, rule: Optional[dict] = None, pspl_para
     (``followup.cli_events.broker_rule``) gives the threshold and smoothing; a tdcnn trigger's own
     threshold wins (it is the one the event was decided with). ``pspl_params``
     (``training.psplfit.Params``, :func:`pspl_params_for`): also the PSPL-fit rule's
-    statistic at every point."""
+    statistic at every point (without them, for a pspl-fit trigger: the rule's default
+    parameters at the trigger's threshold)."""
     pts = d["points"]
     rule = dict(rule or {})
     rec = d.get("trigger")
@@ -56,7 +55,7 @@ def from_event_view(d: dict, source: str, rule: Optional[dict] = None, pspl_para
     if d.get("n_dropped"):
         lc.notes.append(f"{d['n_dropped']} oldest points dropped by the broker (redis.max_points)")
     if pspl_params is None and trig is not None and trig.rule == psplfit.RULE:
-        pspl_params = psplfit.Params(**{**asdict(psplfit.Params()), "threshold": trig.threshold})
+        pspl_params = dataclasses.replace(psplfit.Params(), threshold=trig.threshold)
     if pspl_params is not None:
         add_pspl_statistic(lc, pspl_params)
     return lc
@@ -68,17 +67,16 @@ def event_dict(client, prefix: str, object_id: int) -> Optional[dict]:
     event has no TD-CNN trigger (``P:tr``): the trigger a follow-up view shows, whichever
     rule fired."""
     from broker.rule_psplfit import trigger_key
-    from broker.state import read_event
+    from broker.state import outbox_record, read_event
 
     view = read_event(client, prefix, object_id)
     if view is None:
         return None
     d = view.to_dict()
     if not d["trigger"]:
-        raw = client.get(trigger_key(prefix, object_id, client))
-        if raw is not None:
-            d["trigger"] = json.loads(raw[1:])
-            d["trigger_status"] = {b"P": "pending", b"S": "sent"}.get(raw[:1], "unknown")
+        status, record = outbox_record(client.get(trigger_key(prefix, object_id, client)))
+        if record is not None:
+            d["trigger"], d["trigger_status"] = record, status
     return d
 
 

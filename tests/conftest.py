@@ -43,14 +43,18 @@ def services():
     rule is pspl-fit; its own tests, the demo's and the real-data tier set or read the
     rule themselves)."""
     from ulens import services as svc
-    settings = cfg.load().replace(consumer={"rule": "tdcnn"})
+
+    def load():
+        return cfg.load().replace(consumer={"rule": "tdcnn"})
+
+    settings = load()
     started: tuple[str, ...] = ()
     if not _answering(settings):
         if os.environ.get("ULENS_KAFKA_BOOTSTRAP") or os.environ.get("ULENS_REDIS_URL"):
             pytest.fail("ULENS_KAFKA_BOOTSTRAP / ULENS_REDIS_URL are set but do not answer")
         info = svc.up(settings, quiet=True)
         started = tuple(n for n in ("kafka", "redis") if info[f"{n}_started"])
-        settings = cfg.load().replace(consumer={"rule": "tdcnn"})
+        settings = load()
     yield settings
     if started:
         svc.down(settings, only=started, quiet=True)

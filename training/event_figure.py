@@ -38,7 +38,7 @@ from typing import Optional
 
 import numpy as np
 
-from training import decision, pspl
+from training import decision, pspl, psplfit
 from training.photometry import K_MAG
 from training.pspl import MIN_FIT_POINTS
 
@@ -122,7 +122,6 @@ def add_pspl_statistic(lc: LightCurve, params) -> LightCurve:
     ``training.psplfit.Params``), computed as the broker computes it (``psplfit.run_curves``
     over the points in order, each with its band). Exact for a whole light curve; when
     Redis dropped the oldest points the fit starts at the first point held (a note says so)."""
-    from training import psplfit
     from training.survey import BAND_NAMES
 
     codes = np.array([BAND_NAMES.index(b) if b in BAND_NAMES else 255 for b in lc.band.astype(str)],
@@ -139,9 +138,7 @@ def decide_offline(lc: LightCurve, rules: tuple) -> LightCurve:
     TD-CNN's (already set by :func:`offline`), the PSPL-fit rule's first point with D >=
     its threshold (:func:`add_pspl_statistic` first), or the earlier of the two."""
     cands = [lc.trigger] if "tdcnn" in rules and lc.trigger is not None else []
-    if "pspl-fit" in rules and lc.statistic is not None:
-        from training import psplfit
-
+    if psplfit.RULE in rules and lc.statistic is not None:
         j = psplfit.first_trigger(lc.statistic, lc.statistic_threshold)
         if j is not None:
             cands.append(Trigger(mjd=float(lc.t[j]), index=j, probability=float(lc.statistic[j]),

@@ -16,5 +16,5 @@ from broker.state.layout import *  # noqa: F401,F403
 from broker.state.layout import lua_prelude, model_tag  # noqa: F401
 from broker.state.store import (AppendResult, EventStore, EventView, Header, ScoreUpdate,  # noqa: F401
                                 dequantize_probs, lua_script, mark_sent, pack_points, pack_updates,
-                                parse_append_reply, parse_header, pending_in, quantize_probs,
+                                outbox_record, parse_append_reply, parse_header, pending_in, quantize_probs,
                                 read_event, run_scripts, scan_events, wait_for_replicas)

@@ -351,6 +351,14 @@ def pending_in(client, keys: Sequence[str], object_ids: Sequence[int]) -> dict[i
             if v is not None and v[:1] == b"P"}
 
 
+def outbox_record(raw: Optional[bytes]) -> tuple[Optional[str], Optional[dict]]:
+    """(status, trigger record) of an outbox value (``P:tr``, ``P:tp``: a status byte ``P``
+    pending or ``S`` sent, then the record as JSON); (None, None) for no value."""
+    if raw is None:
+        return None, None
+    return {b"P": "pending", b"S": "sent"}.get(raw[:1], "unknown"), json.loads(raw[1:])
+
+
 def read_event(client, prefix: str, object_id: int) -> Optional[EventView]:
     """Everything stored about one event, or None (needs no model, loads no script)."""
     return read_events(client, prefix, [object_id]).get(int(object_id))
@@ -373,10 +381,7 @@ def read_events(client, prefix: str, object_ids: Sequence[int]) -> dict[int, Eve
             continue
         h = parse_header(raw)
         points = np.frombuffer(raw, dtype=RECORD, offset=header_size(h.m))
-        status = trigger = None
-        if trg is not None:
-            status = {b"P": "pending", b"S": "sent"}.get(trg[:1], "unknown")
-            trigger = json.loads(trg[1:])
+        status, trigger = outbox_record(trg)
         out[int(o)] = EventView(int(o), h, h.n_total - len(points), points, int(ttl), status, trigger)
     return out
 
