@@ -711,7 +711,14 @@ def load_model(settings, path=None, device: Optional[str] = None):
     # Beside Kafka and Redis on a small machine, extra torch threads spin against them:
     # one thread measured 1.8-3.4x faster than two here (docs/BENCHMARKS_HISTORY.md).
     torch.set_num_threads(settings.consumer.torch_threads)
-    return load_artifact(path or settings.model.resolved, device or settings.consumer.device)
+    art = load_artifact(path or settings.model.resolved, device or settings.consumer.device)
+    if art.needs_pspl_d:
+        # its inputs at each point include the PSPL fit's D at every earlier point of the
+        # window, which the broker does not keep yet (training.features, feature set v3)
+        raise BrokerError(f"model {art.version} reads the PSPL-fit statistic (feature set v3), "
+                          "which the broker cannot serve yet; it is for offline evaluation "
+                          "(ulens evaluate)")
+    return art
 
 
 __all__ = ["Broker", "Summary", "consumer_config", "producer_config", "redis_client", "load_model",

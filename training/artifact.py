@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from training import decision
+from training import decision, psplfit
 from training.features import (CHANNELS, REFERENCE_POINTS, FeatureError, build_features,
-                               build_features_batch, feature_set)
+                               build_features_batch, feature_set, needs_pspl_d)
 from training.model import TDCNN
 from training.scalers import ScalerError, TwoStageScaler
 
@@ -105,20 +105,45 @@ class Artifact:
         """Decision-rule parameters (rule, smooth_window, min_points, threshold)."""
         return self.card["decision"]
 
+    @property
+    def needs_pspl_d(self) -> bool:
+        """Whether the model reads the PSPL-fit statistic (feature set v3)."""
+        return needs_pspl_d(self.channels)
+
+    @property
+    def pspl_params(self):
+        """The ``training.psplfit.Params`` whose statistic D the model reads (the card's
+        ``pspl_fit``; None for a model that reads none)."""
+        if not self.needs_pspl_d:
+            return None
+        return psplfit.Params(**self.card["pspl_fit"])
+
+    def pspl_d(self, time, mag, mag_err, band=None) -> np.ndarray:
+        """D at every point of a whole light curve, with the card's fit parameters."""
+        curve = (time, mag, mag_err) if band is None else (time, mag, mag_err, band)
+        return psplfit.run_curves([curve], self.pspl_params)[0]
+
     def inputs(self, time, mag, mag_err, reference=None, prev_time: float | None = None,
-               band=None) -> np.ndarray:
+               band=None, pspl_d=None) -> np.ndarray:
         """Model input (n, C) float32 for a light curve (or a tail window, see features);
-        ``band`` u8 codes per point (None: one band)."""
+        ``band`` u8 codes per point (None: one band). ``pspl_d``: the PSPL-fit statistic
+        per point for a v3 model; computed here for a whole curve when not given (a tail
+        window must pass it: its fit began before the window)."""
+        if self.needs_pspl_d and pspl_d is None:
+            if reference is not None or prev_time is not None:
+                raise FeatureError("a tail window of a v3 model needs its pspl_d")
+            pspl_d = self.pspl_d(time, mag, mag_err, band)
         return self.scalers.transform(build_features(time, mag, mag_err, reference, prev_time, band,
-                                                     channels=self.channels))
+                                                     channels=self.channels, pspl_d=pspl_d))
 
     def inputs_batch(self, time, mag, mag_err, reference=None, prev_time=None,
-                     lengths=None, band=None) -> np.ndarray:
+                     lengths=None, band=None, pspl_d=None) -> np.ndarray:
         """Model input (B, W, C) float32 for B curves or tail windows at once: row ``b`` equals
         ``inputs(...)`` of curve ``b`` bit for bit on one machine (see
         ``features.build_features_batch`` for the arguments); rows past ``lengths[b]`` are 0."""
         x = self.scalers.transform(build_features_batch(time, mag, mag_err, reference, prev_time,
-                                                        lengths, band, channels=self.channels))
+                                                        lengths, band, channels=self.channels,
+                                                        pspl_d=pspl_d))
         if lengths is not None:
             x[np.arange(x.shape[1])[None, :] >= np.asarray(lengths)[:, None]] = 0.0
         return x
@@ -199,6 +224,11 @@ def load_artifact(directory, device: str | torch.device = "cpu") -> Artifact:
         channels = feature_set(card["channels"])
     except (FeatureError, TypeError) as exc:
         raise ArtifactError(f"{card_path}: built for features this code does not build: {exc}") from None
+    if needs_pspl_d(channels):
+        try:
+            psplfit.Params(**card.get("pspl_fit", {"missing": True}))
+        except (TypeError, psplfit.PsplFitError) as exc:
+            raise ArtifactError(f"{card_path}: a v3 model needs its pspl_fit parameters: {exc}") from None
     if card["reference_points"] != REFERENCE_POINTS:
         raise ArtifactError(f"{card_path}: built with {card['reference_points']} reference points; "
                             f"this code uses {REFERENCE_POINTS}")

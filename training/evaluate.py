@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -78,9 +79,16 @@ def select_events(art_dir: Path, card: dict, data_path: Path, ds, split: str) ->
     return idx, {"split": "test", "data_is_training_file": True, "includes_training_events": False}
 
 
-def event_probs(art, ds, events) -> list[np.ndarray]:
-    """P(binary) per point over each whole light curve (one causal run per event)."""
-    inputs = [art.inputs(*ds.event(int(i)), band=ds.event_band(int(i))) for i in events]
+def event_probs(art, ds, events, pspl_d=None) -> list[np.ndarray]:
+    """P(binary) per point over each whole light curve (one causal run per event).
+    ``pspl_d``: the events' PSPL-fit statistics for a v3 model (computed here, with the
+    card's parameters, when not given)."""
+    if art.needs_pspl_d and pspl_d is None:
+        from training.evaluate_rules import pspl_fit_stats
+
+        pspl_d, _ = pspl_fit_stats(ds, events, art.pspl_params, workers=os.cpu_count() or 1)
+    inputs = [art.inputs(*ds.event(int(i)), band=ds.event_band(int(i)),
+                         pspl_d=None if pspl_d is None else pspl_d[k]) for k, i in enumerate(events)]
     return art.predict_curves(inputs, batch_size=128)
 
 

@@ -25,6 +25,7 @@ comparisons do not refit.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,9 +62,19 @@ def event_curve(ds, i: int) -> tuple:
     return (*ds.event(i), ds.event_band(i))
 
 
+def _stats_chunk(args) -> tuple[list[np.ndarray], float]:
+    curves, params = args
+    t0 = time.process_time()
+    return psplfit.run_curves(curves, params), time.process_time() - t0
+
+
 def pspl_fit_stats(ds, events, params: psplfit.Params, cache: Optional[Path] = None,
-                   data_sha: str = "") -> tuple[list[np.ndarray], float]:
-    """D at every point of the events (and the CPU seconds it took, 0 when cached)."""
+                   data_sha: str = "", workers: int = 1,
+                   progress: bool = False, chunk: int = 256) -> tuple[list[np.ndarray], float]:
+    """D at every point of the events (and the CPU seconds it took, summed over ``workers``
+    processes; 0 when cached). Each event's D depends on its own points only (the fit is
+    per event, psplfit's determinism note), so how events are split between processes
+    does not change them."""
     key = f"{data_sha}|{params.version}|{','.join(map(str, np.asarray(events).tolist()))}"
     if cache is not None and cache.is_file():
         with np.load(cache) as z:
@@ -71,9 +82,33 @@ def pspl_fit_stats(ds, events, params: psplfit.Params, cache: Optional[Path] = N
                 off, flat = z["offsets"], z["stats"]   # each z[...] reads the file again: once
                 return [flat[off[i]:off[i + 1]].copy() for i in range(len(off) - 1)], float(z["cpu_s"])
     curves = [event_curve(ds, int(i)) for i in events]
-    t0 = time.process_time()
-    stats = psplfit.run_curves(curves, params)
-    cpu = time.process_time() - t0
+    jobs = [(curves[c:c + chunk], params) for c in range(0, len(curves), chunk)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(curves), desc="pspl-fit D", unit="event", file=sys.stderr)
+    stats: list[np.ndarray] = []
+    cpu = 0.0
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("fork")) as pool:
+            for (part, c), (cs, _) in zip(pool.map(_stats_chunk, jobs), jobs):
+                stats.extend(part)
+                cpu += c
+                if bar is not None:
+                    bar.update(len(cs))
+    else:
+        for job in jobs:
+            part, c = _stats_chunk(job)
+            stats.extend(part)
+            cpu += c
+            if bar is not None:
+                bar.update(len(job[0]))
+    if bar is not None:
+        bar.close()
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         lens = np.array([len(s) for s in stats])
@@ -82,13 +117,14 @@ def pspl_fit_stats(ds, events, params: psplfit.Params, cache: Optional[Path] = N
     return stats, cpu
 
 
-def tdcnn_running(art, ds, events) -> tuple[list[np.ndarray], float]:
-    """The TD-CNN's running event score per point (decision.running_score)."""
+def tdcnn_running(art, ds, events, pspl_d=None) -> tuple[list[np.ndarray], float]:
+    """The TD-CNN's running event score per point (decision.running_score); ``pspl_d``:
+    the events' PSPL-fit statistics for a v3 model (the CPU time then excludes them)."""
     from training import decision
     from training.evaluate import event_probs
 
     t0 = time.process_time()
-    probs = event_probs(art, ds, events)
+    probs = event_probs(art, ds, events, pspl_d)
     cpu = time.process_time() - t0
     dec = art.decision
     return [decision.running_score(p, dec["min_points"], dec["smooth_window"]) for p in probs], cpu
@@ -156,8 +192,11 @@ def compare(model_dir, data, params: psplfit.Params, output, rate: float = 0.05,
     events, chosen = select_events(model_dir, art.card, data_path, ds, "test")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    run_td, cpu_td = tdcnn_running(art, ds, events)
-    stats, cpu_pf = pspl_fit_stats(ds, events, params, out / "pspl_fit_stats.npz", file_sha256(data_path))
+    stats, cpu_pf = pspl_fit_stats(ds, events, params, out / "pspl_fit_stats.npz", file_sha256(data_path),
+                                   workers=os.cpu_count() or 1)
+    # a v3 model reads the rule's own D when it was trained with the rule's parameters
+    shared = art.needs_pspl_d and art.pspl_params.version == params.version
+    run_td, cpu_td = tdcnn_running(art, ds, events, stats if shared else None)
     run_pf = [psplfit.running_score(x) for x in stats]
     labels = ds.label[events].astype(int)
     n_points = int(sum(len(x) for x in stats))

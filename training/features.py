@@ -43,6 +43,22 @@ for surveys of many cadences, bands and depths (``CHANNELS_V2``, ``ulens train
     the band, one-hot (a learned linear embedding in the first convolution); a code
     outside ugrizy, or no band, is all zeros.
 
+A third set (``CHANNELS_V3``, ``ulens train --features v3``) adds to v2 what the classical
+rule already computes at every point, the causal PSPL-fit statistic ``D_j``
+(:mod:`training.psplfit`: the Δχ² of a free flux offset over the newest points on top of
+the robust per-band PSPL fit of points ``0..j``; ``-inf`` where the rule is not eligible):
+
+``pspl_active``
+    1 where ``D_j`` is finite (the fit is significant and the model magnified at the
+    point), else 0.
+``pspl_d``
+    ``asinh(D_j / PSPL_D_SCALE)`` where active, else 0 (D spans 0 to 1e5: the log-like
+    tail keeps a caustic crossing from saturating the first layer).
+
+``D`` is not a function of the light curve that this module can compute row by row (it is
+the state of an iterative fit), so v3 callers pass it (``pspl_d``, with the fit parameters
+the model card names: ``Artifact.inputs`` computes it when not given).
+
 Errors below ``MIN_MAG_ERR`` are taken as ``MIN_MAG_ERR`` in ``snr`` and ``log_mag_err``.
 
 Every row depends only on points ``0..j`` (causal). Rows are computed in float64 and
@@ -75,7 +91,9 @@ from training.photometry import K_MAG
 CHANNELS_V1: tuple[str, ...] = ("dmag", "mag_err", "log_dt")
 CHANNELS_V2: tuple[str, ...] = ("dmag", "snr", "log_mag_err", "log_dt",
                                 "band_u", "band_g", "band_r", "band_i", "band_z", "band_y")
-FEATURE_SETS: dict[str, tuple[str, ...]] = {"v1": CHANNELS_V1, "v2": CHANNELS_V2}
+CHANNELS_V3: tuple[str, ...] = CHANNELS_V2 + ("pspl_active", "pspl_d")
+FEATURE_SETS: dict[str, tuple[str, ...]] = {"v1": CHANNELS_V1, "v2": CHANNELS_V2, "v3": CHANNELS_V3}
+PSPL_D_SCALE = 10.0               # the rule's refit level: D below it is capped there unconfirmed
 CHANNELS = CHANNELS_V1            # the default: the thesis models' set
 MIN_MAG_ERR = 1e-3
 REFERENCE_POINTS: int = 10
@@ -214,13 +232,19 @@ def feature_set(channels) -> tuple[str, ...]:
     return c
 
 
+def needs_pspl_d(channels) -> bool:
+    """Whether a feature set reads the PSPL-fit statistic (v3)."""
+    return "pspl_d" in feature_set(channels)
+
+
 def build_features(time, mag, mag_err, reference=None, prev_time: float | None = None,
-                   band=None, channels=CHANNELS) -> np.ndarray:
+                   band=None, channels=CHANNELS, pspl_d=None) -> np.ndarray:
     """Features (n, len(CHANNELS)) float32 for n observed points, one row per point.
 
     ``time`` in days (strictly increasing), ``mag`` and ``mag_err`` in magnitudes, ``band``
     u8 codes (None: one band). ``reference``/``prev_time``: see the module docstring (tail
-    windows; ``reference`` a float or (N_SLOTS,) per band slot). The arithmetic is
+    windows; ``reference`` a float or (N_SLOTS,) per band slot). ``pspl_d``: the PSPL-fit
+    statistic at each point (feature set v3 only). The arithmetic is
     :func:`build_features_batch`'s (one row of a batch), so both agree bit for bit on one
     machine (see the module docstring).
     """
@@ -236,11 +260,12 @@ def build_features(time, mag, mag_err, reference=None, prev_time: float | None =
     return build_features_batch(t[None], m[None], e[None], reference,
                                 None if prev_time is None else np.array([float(prev_time)]),
                                 band=None if band is None else np.asarray(band)[None],
-                                channels=channels)[0]
+                                channels=channels,
+                                pspl_d=None if pspl_d is None else np.asarray(pspl_d)[None])[0]
 
 
 def build_features_batch(time, mag, mag_err, reference=None, prev_time=None,
-                         lengths=None, band=None, channels=CHANNELS) -> np.ndarray:
+                         lengths=None, band=None, channels=CHANNELS, pspl_d=None) -> np.ndarray:
     """Features of B light curves (or tail windows) at once: (B, W) arrays -> (B, W, C) float32.
 
     Row ``b`` equals ``build_features(time[b, :n], mag[b, :n], mag_err[b, :n],
@@ -254,7 +279,8 @@ def build_features_batch(time, mag, mag_err, reference=None, prev_time=None,
     point before each window. ``lengths``: None or (B,) ints for right-padded ragged
     curves; whatever is stored past ``lengths[b]`` is ignored and those rows come back as
     0. ``band``: None (one band) or (B, W) u8 codes. ``channels``: a feature set
-    (:data:`FEATURE_SETS`, by name or channel list).
+    (:data:`FEATURE_SETS`, by name or channel list). ``pspl_d``: (B, W) the PSPL-fit
+    statistic per point (-inf: not eligible), required by v3 and ignored otherwise.
     """
     channels = feature_set(channels)
     t = np.asarray(time, dtype=np.float64)
@@ -285,6 +311,16 @@ def build_features_batch(time, mag, mag_err, reference=None, prev_time=None,
         if bnd.shape != (b, w):
             raise FeatureError(f"band must have the shape of time {t.shape}, got {bnd.shape}")
         slots = band_slots(bnd)
+    d = None
+    if channels == CHANNELS_V3:
+        if pspl_d is None:
+            raise FeatureError("feature set v3 needs pspl_d, the PSPL-fit statistic at every point "
+                               "(training.psplfit.run_curves with the model card's pspl_fit parameters)")
+        d = np.asarray(pspl_d, dtype=np.float64)
+        if d.shape != (b, w):
+            raise FeatureError(f"pspl_d must have the shape of time {t.shape}, got {d.shape}")
+        if np.isnan(d).any() or np.isposinf(d).any():
+            raise FeatureError("pspl_d must be finite or -inf (not eligible), found NaN or +inf")
     prev = per_curve(prev_time, "prev_time")
     n = per_curve(lengths, "lengths", np.int64)
     valid = None
@@ -317,6 +353,10 @@ def build_features_batch(time, mag, mag_err, reference=None, prev_time=None,
             known = slots < N_BANDS
             bi, wi = np.nonzero(known)
             onehot[bi, wi, slots[known]] = 1.0
+        if d is not None:
+            active = np.isfinite(d)
+            out[..., 10] = active
+            out[..., 11] = np.where(active, np.arcsinh(np.where(active, d, 0.0) / PSPL_D_SCALE), 0.0)
     res = out.astype(np.float32)
     if valid is not None:
         res[~valid] = 0.0

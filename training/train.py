@@ -38,6 +38,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -108,9 +109,9 @@ def split_events(labels: np.ndarray, seed: int, fractions=SPLIT_FRACTIONS) -> di
     return {k: np.sort(np.concatenate(v)) for k, v in parts.items()}
 
 
-def dataset_features(ds, channels="v1") -> np.ndarray:
+def dataset_features(ds, channels="v1", pspl_d=None) -> np.ndarray:
     """build_features (feature set ``channels``) for every event, flat (P, C) float32 aligned
-    with the dataset's points."""
+    with the dataset's points; ``pspl_d``: each event's PSPL-fit statistic (v3)."""
     from training.features import build_features, feature_set
 
     channels = feature_set(channels)
@@ -118,8 +119,15 @@ def dataset_features(ds, channels="v1") -> np.ndarray:
     for i in range(ds.n_events):
         a, b = ds.offsets[i], ds.offsets[i + 1]
         out[a:b] = build_features(ds.time[a:b], ds.mag[a:b], ds.mag_err[a:b], band=ds.band[a:b],
-                                  channels=channels)
+                                  channels=channels, pspl_d=None if pspl_d is None else pspl_d[i])
     return out
+
+
+def pspl_d_cache(output_root, data_sha: str, params) -> Path:
+    """Where a training's per-point PSPL-fit statistics of one data file are kept (shared by
+    every run under ``output_root``: the fit costs about 0.2 ms per point, training reruns
+    on one file are many)."""
+    return Path(output_root) / "pspl_d" / f"{data_sha[:12]}-{params.version.rsplit('-', 1)[-1]}.npz"
 
 
 def point_targets(ds, window: int, chi2_threshold: float) -> np.ndarray:
@@ -231,7 +239,7 @@ def train(cfg: TrainConfig) -> Path:
     from training import dataset as dataset_mod
     from training import decision, metrics
     from training.artifact import resolve_device, save_artifact
-    from training.features import FeatureError, feature_set
+    from training.features import FeatureError, feature_set, needs_pspl_d
     from training.model import TDCNN
     from training.scalers import TwoStageScaler
 
@@ -279,7 +287,22 @@ def train(cfg: TrainConfig) -> Path:
         {"seed": cfg.seed, "fractions": list(SPLIT_FRACTIONS), "data": str(data_path),
          **{k: ds.event_id[v].tolist() for k, v in split.items()}}) + "\n")
     t0 = time.time()
-    feats = dataset_features(ds, channels)
+    pspl_params, pspl_d = None, None
+    if needs_pspl_d(channels):
+        from training.evaluate_rules import params_from_config, pspl_fit_stats
+
+        # the broker's own pspl-fit parameters: a broker running the rule beside this model
+        # computes D once for both
+        pspl_params = params_from_config()
+        sha = file_sha256(data_path)
+        pspl_d, _ = pspl_fit_stats(ds, np.arange(ds.n_events), pspl_params,
+                                   pspl_d_cache(cfg.output_root, sha, pspl_params), sha,
+                                   workers=max(1, cfg.num_threads or (os.cpu_count() or 1)),
+                                   progress=cfg.progress)
+        say(f"pspl-fit statistic D of {ds.n_events} events in {time.time() - t0:.1f}s "
+            f"({pspl_params.version})")
+    feats = dataset_features(ds, channels, pspl_d)
+    del pspl_d
     train_rows = np.concatenate([np.arange(ds.offsets[i], ds.offsets[i + 1]) for i in split["train"]])
     scalers = TwoStageScaler.fit([feats[train_rows[s:s + 2_000_000]]
                                   for s in range(0, len(train_rows), 2_000_000)], channels=channels)
@@ -392,6 +415,9 @@ def train(cfg: TrainConfig) -> Path:
                      "batch_size": cfg.batch_size, "wall_s": round(time.time() - t0, 1)},
         "metrics": {"validation": val},
     }
+    if pspl_params is not None:
+        card["pspl_fit"] = asdict(pspl_params)
+        card["pspl_fit_version"] = pspl_params.version
     save_artifact(run_dir, model, card, scalers)
     summary = {"run_dir": str(run_dir), "best_epoch": best["epoch"], "stopped_by": stopped,
                "threshold": threshold, "validation": val, "history": history}
@@ -436,10 +462,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay,
                    help="weight decay of the optimiser")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--features", choices=("v1", "v2"), default=TrainConfig.features,
+    p.add_argument("--features", choices=("v1", "v2", "v3"), default=TrainConfig.features,
                    help="input channels (training/features.py): v1 = dmag, mag_err, log_dt (the "
                         "thesis models); v2 = dmag, the brightening's significance, ln mag_err, "
-                        "log_dt and the band one-hot, for surveys of many cadences, bands and depths")
+                        "log_dt and the band one-hot, for surveys of many cadences, bands and depths; "
+                        "v3 = v2 and the causal PSPL-fit statistic D of the classical rule at each "
+                        "point (consumer.pspl_fit's parameters; computed once per data file and kept "
+                        "under OUTPUT_ROOT/pspl_d/)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
