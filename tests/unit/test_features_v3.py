@@ -95,3 +95,14 @@ def test_train_v3_card_names_the_fit_and_inputs_compute_it(tmp_path):
     (run / "model_card.json").write_text(json.dumps(card))
     with pytest.raises(ArtifactError, match="needs its pspl_fit parameters"):
         load_artifact(run)
+
+
+def test_the_shipped_v3_model_loads_with_the_rules_parameters():
+    from pathlib import Path
+
+    from training.artifact import load_artifact
+    d = Path(__file__).resolve().parents[2] / "models" / "tdcnn-lsst-v3"
+    art = load_artifact(d)
+    assert art.channels == CHANNELS_V3
+    # trained on D from the broker's own consumer.pspl_fit parameters: one fit can serve both
+    assert art.pspl_params.version == evaluate_rules.params_from_config().version
