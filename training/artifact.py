@@ -225,8 +225,11 @@ def load_artifact(directory, device: str | torch.device = "cpu") -> Artifact:
     except (FeatureError, TypeError) as exc:
         raise ArtifactError(f"{card_path}: built for features this code does not build: {exc}") from None
     if needs_pspl_d(channels):
+        if not isinstance(card.get("pspl_fit"), dict):
+            raise ArtifactError(f"{card_path}: a v3 model needs its pspl_fit parameters: "
+                                "the card has no 'pspl_fit' object")
         try:
-            psplfit.Params(**card.get("pspl_fit", {"missing": True}))
+            psplfit.Params(**card["pspl_fit"])
         except (TypeError, psplfit.PsplFitError) as exc:
             raise ArtifactError(f"{card_path}: a v3 model needs its pspl_fit parameters: {exc}") from None
     if card["reference_points"] != REFERENCE_POINTS:

@@ -25,9 +25,12 @@ comparisons do not refit.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -90,23 +93,14 @@ def pspl_fit_stats(ds, events, params: psplfit.Params, cache: Optional[Path] = N
         bar = tqdm(total=len(curves), desc="pspl-fit D", unit="event", file=sys.stderr)
     stats: list[np.ndarray] = []
     cpu = 0.0
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("fork")) as pool:
-            for (part, c), (cs, _) in zip(pool.map(_stats_chunk, jobs), jobs):
-                stats.extend(part)
-                cpu += c
-                if bar is not None:
-                    bar.update(len(cs))
-    else:
-        for job in jobs:
-            part, c = _stats_chunk(job)
+    parallel = workers > 1 and len(jobs) > 1
+    with (ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("fork"))
+          if parallel else nullcontext()) as pool:
+        for part, c in (pool.map if parallel else map)(_stats_chunk, jobs):
             stats.extend(part)
             cpu += c
             if bar is not None:
-                bar.update(len(job[0]))
+                bar.update(len(part))
     if bar is not None:
         bar.close()
     if cache is not None:

@@ -356,7 +356,7 @@ def build_features_batch(time, mag, mag_err, reference=None, prev_time=None,
         if d is not None:
             active = np.isfinite(d)
             out[..., 10] = active
-            out[..., 11] = np.where(active, np.arcsinh(np.where(active, d, 0.0) / PSPL_D_SCALE), 0.0)
+            out[..., 11] = np.arcsinh(np.where(active, d, 0.0) / PSPL_D_SCALE)   # asinh(0) = 0
     res = out.astype(np.float32)
     if valid is not None:
         res[~valid] = 0.0

@@ -81,6 +81,7 @@ def test_train_v3_card_names_the_fit_and_inputs_compute_it(tmp_path):
     t, mag, err = ds.event(5)
     d = psplfit.run_curves([(t, mag, err)], art.pspl_params)[0]
     assert np.array_equal(art.inputs(t, mag, err), art.inputs(t, mag, err, pspl_d=d))
+    # exact: one process, the same code path on both sides; only who computed D differs
     assert np.array_equal(event_probs(art, ds, [5])[0], event_probs(art, ds, [5], pspl_d=[d])[0])
     with pytest.raises(FeatureError, match="tail window of a v3 model"):
         art.inputs(t[20:], mag[20:], err[20:], reference=float(mag[0]), prev_time=float(t[19]))
